@@ -1,0 +1,158 @@
+"""[CLS] attention-rollout overlays for a few ID and OOD test images (OODformer, Koner et al., BMVC 2021, Fig. 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from lightning_ood.callbacks.plots import save_figure  # noqa: E402
+from lightning_ood.callbacks.run_dir import run_dir  # noqa: E402
+from lightning_ood.nets.vit import upsample_map  # noqa: E402
+
+
+@runtime_checkable
+class AttentionModel(Protocol):
+    """A method that can show where its [CLS] token looks (e.g. :class:`~lightning_ood.methods.OODformer`)."""
+
+    def cls_attention(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` images -> ``[B, grid_h, grid_w]`` [CLS] attention-rollout maps."""
+        ...
+
+
+class AttentionMaps(Callback):
+    """Saves [CLS] attention-rollout overlays of the first ``num_images`` images of each test set.
+
+    Images come from the first test batches that rank 0 sees (no extra data pass), are denormalised with the
+    datamodule's ``mean``/``std`` and shown above the rollout heat map (red = more [CLS] attention) overlaid on
+    them. Writes ``plots/attention_<set>.png`` into the run directory (or ``output_dir``) and, with a W&B logger,
+    logs them as ``test/attention`` images. Work happens on rank 0 only; the maps cost one extra forward pass
+    over ``num_images`` images per set.
+
+    Args:
+        num_images: images per test set.
+        sets: names of the test sets to draw (``datamodule.test_set_names``); ``None``: all of them.
+        alpha: opacity of the heat map over the image, in ``[0, 1]``.
+        cmap: matplotlib colour map of the heat map.
+        output_dir: where to write (default: the run's log directory).
+    """
+
+    def __init__(
+        self,
+        num_images: int = 6,
+        sets: list[str] | None = None,
+        alpha: float = 0.5,
+        cmap: str = "jet",
+        output_dir: str | None = None,
+    ) -> None:
+        if num_images < 1:
+            raise ValueError(f"AttentionMaps num_images must be >= 1, got {num_images}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"AttentionMaps alpha must be in [0, 1], got {alpha}")
+        self.num_images = num_images
+        self.sets = sets
+        self.alpha = alpha
+        self.cmap = cmap
+        self.output_dir = output_dir
+        self.paths: list[Path] = []
+        self._images: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not isinstance(pl_module, AttentionModel):
+            raise TypeError(
+                f"AttentionMaps needs a method with cls_attention(x) (e.g. OODformer); {type(pl_module).__name__} "
+                "has none. Remove the callback from trainer.callbacks."
+            )
+        dm = trainer.datamodule
+        missing = [a for a in ("test_set_names", "mean", "std") if not hasattr(dm, a)]
+        if missing:
+            raise RuntimeError(
+                f"AttentionMaps needs a datamodule with {missing} (lightning_ood OODDataModule)"
+            )
+        names = list(dm.test_set_names)
+        unknown = sorted(set(self.sets or []) - set(names))
+        if unknown:
+            raise ValueError(f"AttentionMaps sets: {unknown} are not test sets; available: {names}")
+        self._names = names
+        self._images = {}
+        self.paths = []
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.is_global_zero or (
+            self.sets is not None and self._names[dataloader_idx] not in self.sets
+        ):
+            return
+        kept = self._images.setdefault(dataloader_idx, [])
+        room = self.num_images - sum(len(k[0]) for k in kept)
+        if room > 0:
+            images, targets = batch[0][:room], batch[1][:room]
+            preds = outputs.preds[:room] if hasattr(outputs, "preds") else torch.full_like(targets, -1)
+            kept.append((images.detach().cpu(), targets.detach().cpu(), preds.detach().cpu()))
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        directory = Path(self.output_dir) if self.output_dir else run_dir(trainer)  # collective
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        mean = torch.tensor(dm.mean).view(1, -1, 1, 1)
+        std = torch.tensor(dm.std).view(1, -1, 1, 1)
+        classes = list(getattr(dm, "class_names", None) or [])
+        for idx in sorted(self._images):
+            images, targets, preds = (torch.cat(parts) for parts in zip(*self._images[idx], strict=True))
+            with torch.no_grad():
+                maps = pl_module.cls_attention(images.to(pl_module.device)).float().cpu()
+            heat = upsample_map(maps, tuple(images.shape[-2:]))
+            pixels = (images.float() * std + mean).clamp(0, 1)
+            name = self._names[idx]
+            labels = [_caption(int(t), int(p), classes) for t, p in zip(targets, preds, strict=True)]
+            fig = self._figure(name, pixels, heat, labels)
+            self.paths.append(save_figure(fig, directory / "plots" / f"attention_{name}.png"))
+        self._images = {}
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and self.paths:
+                logger.log_image(
+                    key="test/attention",
+                    images=[str(p) for p in self.paths],
+                    caption=[p.stem.removeprefix("attention_") for p in self.paths],
+                )
+
+    def _figure(self, name: str, pixels: Tensor, heat: Tensor, labels: list[str]) -> plt.Figure:
+        """Two rows per set: the images, then the rollout heat map over them."""
+        n = len(pixels)
+        fig, axes = plt.subplots(2, n, figsize=(1.8 * n, 4.0), squeeze=False)
+        for j in range(n):
+            img = pixels[j].permute(1, 2, 0).numpy()
+            grey = img.shape[-1] == 1
+            shown = img[..., 0] if grey else img
+            for row in (0, 1):
+                axes[row, j].imshow(shown, cmap="gray" if grey else None, vmin=0, vmax=1)
+                axes[row, j].axis("off")
+            axes[1, j].imshow(heat[j].numpy(), cmap=self.cmap, alpha=self.alpha, vmin=0, vmax=1)
+            axes[0, j].set_title(labels[j], fontsize=7)
+        fig.suptitle(f"[CLS] attention rollout - {name}", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+
+def _caption(target: int, pred: int, classes: list[str]) -> str:
+    def label(k: int) -> str:
+        return classes[k] if 0 <= k < len(classes) else str(k)
+
+    truth = "OOD" if target < 0 else label(target)
+    return f"{truth} -> {label(pred)}" if pred >= 0 else truth

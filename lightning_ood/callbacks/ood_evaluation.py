@@ -1,0 +1,165 @@
+"""Turns a method's per-batch detector scores into OOD metrics, logs, result files, plots and W&B tables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from rich.console import Console
+from rich.table import Table
+
+from lightning_ood.callbacks.plots import plot_histograms, plot_roc, save_figure
+from lightning_ood.callbacks.results import COLUMNS, GROUPS, build_rows, write_results
+from lightning_ood.callbacks.run_dir import run_dir
+from lightning_ood.callbacks.score_buffer import ScoreBuffer
+from lightning_ood.methods.base import TestStepOutput
+from lightning_ood.metrics import METRIC_KEYS, ood_metrics
+
+_RESERVED = {"id", *GROUPS}
+
+
+class OODEvaluation(Callback):
+    """Per OOD set x detector metrics, near / far / all means, result files, plots and W&B reporting.
+
+    The datamodule supplies ``test_set_names`` (``["id", *ood_sets]``, in ``dataloader_idx`` order) and
+    ``test_set_groups`` (``{ood_set: "near" | "far"}``). Scores are gathered exactly across ranks (each sample
+    once) before any metric is computed, so N processes give the metrics of one.
+
+    Logs ``test/<set>/<detector>/<metric>``, ``test/<near|far|all>/<detector>/<metric>`` and ``test/id/acc``;
+    writes ``ood_results.{json,csv,md}`` and ``plots/{roc,hist}_<detector>.png`` into the run directory (or
+    ``output_dir``); with a W&B logger also logs a ``test/ood_results`` table and the plots as images.
+
+    Args:
+        output_dir: where to write results (default: the run's log directory).
+        plots: draw ROC curves and score histograms.
+        print_table: print AUROC and FPR95 tables when testing ends.
+    """
+
+    def __init__(self, output_dir: str | None = None, plots: bool = True, print_table: bool = True) -> None:
+        self.output_dir = output_dir
+        self.plots = plots
+        self.print_table = print_table
+        self.rows: list[dict[str, Any]] = []
+        self.output_path: Path | None = None
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "test_set_names"):
+            raise RuntimeError(
+                "OODEvaluation needs a datamodule with test_set_names (lightning_ood OODDataModule)"
+            )
+        self.set_names = list(dm.test_set_names)
+        self.groups = dict(dm.test_set_groups)
+        if self.set_names[0] != "id" or _RESERVED & set(self.set_names[1:]):
+            raise ValueError(
+                f"test sets must be ['id', *ood_sets] with no OOD set named {sorted(_RESERVED)}; "
+                f"got {self.set_names}"
+            )
+        self.detector_names = list(pl_module.detectors.keys())
+        self.buffers = [ScoreBuffer(len(self.detector_names)).to(pl_module.device) for _ in self.set_names]
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(outputs, TestStepOutput):
+            raise TypeError(
+                f"{type(pl_module).__name__}.test_step must return a TestStepOutput, got "
+                f"{type(outputs).__name__}"
+            )
+        scores = torch.stack([outputs.scores[name] for name in self.detector_names], dim=1)
+        self.buffers[dataloader_idx].update(scores, outputs.preds, outputs.targets)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        gathered = [buf.compute() for buf in self.buffers]  # synchronised across ranks
+        id_scores, id_preds, id_targets = gathered[0]
+        id_acc = (id_preds == id_targets).float().mean().item() if len(id_targets) else float("nan")
+        per_set: dict[str, dict[str, dict[str, float]]] = {d: {} for d in self.detector_names}
+        for name, (ood_scores, _, _) in zip(self.set_names[1:], gathered[1:], strict=True):
+            is_ood = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))])
+            for k, det in enumerate(self.detector_names):
+                scores = torch.cat([id_scores[:, k], ood_scores[:, k]]).cpu()
+                per_set[det][name] = ood_metrics(scores, is_ood, set_name=f"id vs {name}, detector {det}")
+        sizes = {name: len(g[0]) for name, g in zip(self.set_names, gathered, strict=True)}
+        run = {
+            **getattr(pl_module, "run_config", {}),
+            "dataset": getattr(trainer.datamodule, "dataset_name", ""),
+            "seed": os.environ.get("PL_GLOBAL_SEED", ""),
+        }
+        self.rows = build_rows(per_set, sizes, self.groups, len(id_scores), id_acc, run)
+        self._log(pl_module, id_acc)
+        directory = Path(self.output_dir) if self.output_dir else run_dir(trainer)
+        self.output_path = directory
+        if trainer.is_global_zero:
+            write_results(self.rows, directory)
+            figures = self._plot(directory, id_scores, gathered) if self.plots else {}
+            if self.print_table:
+                self._print(id_acc, directory)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    self._to_wandb(logger, figures)
+        for buf in self.buffers:
+            buf.reset()
+
+    def _log(self, pl_module: LightningModule, id_acc: float) -> None:
+        values = {"test/id/acc": id_acc}
+        for row in self.rows:
+            values.update({f"test/{row['set']}/{row['detector']}/{k}": row[k] for k in METRIC_KEYS})
+        pl_module.log_dict(values, add_dataloader_idx=False, sync_dist=False)
+
+    def _plot(self, directory: Path, id_scores: torch.Tensor, gathered: list) -> dict[str, list[Path]]:
+        figures: dict[str, list[Path]] = {"roc": [], "hist": []}
+        for k, det in enumerate(self.detector_names):
+            ood = {n: g[0][:, k].cpu().numpy() for n, g in zip(self.set_names[1:], gathered[1:], strict=True)}
+            ids = id_scores[:, k].cpu().numpy()
+            auroc = {r["set"]: r["auroc"] for r in self.rows if r["detector"] == det and r["kind"] == "set"}
+            figures["roc"].append(
+                save_figure(plot_roc(det, ids, ood, auroc), directory / "plots" / f"roc_{det}.png")
+            )
+            figures["hist"].append(
+                save_figure(plot_histograms(det, ids, ood), directory / "plots" / f"hist_{det}.png")
+            )
+        return figures
+
+    def _print(self, id_acc: float, directory: Path) -> None:
+        console = Console(width=max(120, 14 * (len(self.set_names) + 4)))
+        console.print(f"\n[bold]ID accuracy[/bold]: {id_acc:.4f}    results: {directory}/ood_results.md")
+        columns = [
+            *self.set_names[1:],
+            *[g for g in GROUPS if any(r["set"] == g and r["kind"] == "mean" for r in self.rows)],
+        ]
+        for metric, title in (
+            ("auroc", "AUROC (higher is better)"),
+            ("fpr95_idpos", "FPR@95%TPR, ID positive (lower is better)"),
+        ):
+            table = Table(title=title, title_justify="left")
+            table.add_column("detector")
+            for col in columns:
+                table.add_column(col, justify="right")
+            for det in self.detector_names:
+                cells = {r["set"]: r[metric] for r in self.rows if r["detector"] == det}
+                table.add_row(det, *[f"{cells[c]:.4f}" for c in columns])
+            console.print(table)
+
+    def _to_wandb(self, logger: WandbLogger, figures: dict[str, list[Path]]) -> None:
+        logger.log_table(
+            key="test/ood_results",
+            columns=list(COLUMNS),
+            data=[[row[c] for c in COLUMNS] for row in self.rows],
+        )
+        for kind, paths in figures.items():
+            if paths:
+                logger.log_image(
+                    key=f"test/plots/{kind}",
+                    images=[str(p) for p in paths],
+                    caption=list(self.detector_names),
+                )

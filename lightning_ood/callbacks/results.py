@@ -1,0 +1,121 @@
+"""Result rows (method x detector x set or group) and the files they are written to."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning_ood.metrics import METRIC_KEYS
+
+#: Column order of every result file.
+COLUMNS = (
+    "method",
+    "backbone",
+    "dataset",
+    "seed",
+    "detector",
+    "set",
+    "group",
+    "kind",
+    *METRIC_KEYS,
+    "n_id",
+    "n_ood",
+    "id_acc",
+)
+GROUPS = ("near", "far", "all")
+
+
+def build_rows(
+    per_set: Mapping[str, Mapping[str, Mapping[str, float]]],
+    sizes: Mapping[str, int],
+    groups: Mapping[str, str],
+    n_id: int,
+    id_acc: float,
+    run: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """Flatten ``per_set[detector][set] -> metrics`` into rows, plus near / far / all means per detector.
+
+    A ``kind="mean"`` row averages each metric over the sets of its group (``all``: every OOD set) and has
+    ``n_ood`` = the group's total; groups without sets are left out.
+    """
+    rows: list[dict[str, Any]] = []
+    base = {k: run.get(k, "") for k in ("method", "backbone", "dataset", "seed")}
+    for detector, sets in per_set.items():
+        for name, metrics in sets.items():
+            rows.append(
+                {
+                    **base,
+                    "detector": detector,
+                    "set": name,
+                    "group": groups[name],
+                    "kind": "set",
+                    **metrics,
+                    "n_id": n_id,
+                    "n_ood": sizes[name],
+                    "id_acc": id_acc,
+                }
+            )
+        for group in GROUPS:
+            members = [s for s in sets if group == "all" or groups[s] == group]
+            if not members:
+                continue
+            means = {k: sum(sets[s][k] for s in members) / len(members) for k in METRIC_KEYS}
+            rows.append(
+                {
+                    **base,
+                    "detector": detector,
+                    "set": group,
+                    "group": group,
+                    "kind": "mean",
+                    **means,
+                    "n_id": n_id,
+                    "n_ood": sum(sizes[s] for s in members),
+                    "id_acc": id_acc,
+                }
+            )
+    return rows
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    # Write beside the target and rename: a crash never leaves a half-written file that looks complete.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table with every column (metrics to 4 decimals)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: Sequence[Mapping[str, Any]], directory: Path) -> list[Path]:
+    """Write ``ood_results.json``, ``ood_results.csv`` and ``ood_results.md`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    outputs = {
+        "ood_results.json": json.dumps(list(rows), indent=2) + "\n",
+        "ood_results.csv": buf.getvalue(),
+        "ood_results.md": to_markdown(rows),
+    }
+    paths = []
+    for name, text in outputs.items():
+        _atomic_write(directory / name, text)
+        paths.append(directory / name)
+    return paths

@@ -1,0 +1,7 @@
+"""OOD benchmark data: named sources (offline and torchvision), set specs and the ``OODDataModule``."""
+
+from lightning_ood.data.datamodule import OODDataModule
+from lightning_ood.data.datasets import SOURCES, AuxSetSpec, IDSetSpec, OODSetSpec
+from lightning_ood.data.samplers import UnpaddedDistributedSampler
+
+__all__ = ["SOURCES", "AuxSetSpec", "IDSetSpec", "OODDataModule", "OODSetSpec", "UnpaddedDistributedSampler"]

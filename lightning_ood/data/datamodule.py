@@ -1,0 +1,358 @@
+"""``OODDataModule``: the ID set (train/val/test), named near/far OOD test sets, auxiliary outliers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from lightning_ood.data.datasets import (
+    SOURCES,
+    AuxSetSpec,
+    IDSetSpec,
+    ImageDataset,
+    OODSetSpec,
+    derived_rng,
+    limit_indices,
+    load_split,
+    make_images,
+    resolve_split,
+    select_classes,
+)
+from lightning_ood.data.samplers import UnpaddedDistributedSampler, distributed_world
+from lightning_ood.data.sources import RawSet
+from lightning_ood.data.transforms import NormalizeCollate, default_augmentation
+
+Augment = Callable[[Tensor], Tensor] | None
+
+
+class OODDataModule(LightningDataModule):
+    """ID train/val/test sets, named test OOD sets and optional auxiliary outliers.
+
+    Batches are ``(images, targets)``: images float ``[B, C, S, S]`` normalised with ``mean``/``std``; targets
+    long ``[B]``, the ID class index, or ``-1`` for every OOD and auxiliary sample. ``__init__`` does no I/O;
+    ``prepare_data`` downloads (only when ``download``); ``setup`` builds every set once.
+
+    Args:
+        id_set: the in-distribution source.
+        ood_sets: the test OOD sets, in the order of ``test_set_names`` after ``"id"``.
+        aux_set: auxiliary outliers for :meth:`aux_dataloader` (e.g. outlier exposure, heatmap decoders).
+        root: folder for downloaded/local datasets (searched first for Fashion-MNIST).
+        download: let ``prepare_data`` download torchvision datasets into ``root`` (needs a network).
+        val_fraction: fraction of the ID train split held out for validation, seeded; in [0, 1).
+        train_limit, val_limit, test_limit: keep a seeded random subset of at most this many ID images.
+        image_size: side ``S`` every image is resized to; ``None``: the ID source's native size.
+        channels: 1 or 3, every set is converted to it; ``None``: the ID source's native channels.
+        mean, std: per-channel normalisation of images scaled to [0, 1] (one value = every channel).
+        train_transforms: augmentation of uint8 ``[C, S, S]`` images for training and aux outliers (e.g.
+            ``torchvision.transforms.v2`` objects from YAML); ``None``: random crop with padding ``S // 8``
+            and horizontal flip; ``[]``: none. Evaluation never augments.
+        batch_size: training batch size; eval_batch_size: for val/test/fit loaders (``None``: ``batch_size``).
+        num_workers: DataLoader workers per loader.
+        seed: seeds the ID train/val split, every limit subset and the shuffling order.
+    """
+
+    def __init__(
+        self,
+        id_set: IDSetSpec,
+        ood_sets: list[OODSetSpec] | None = None,
+        aux_set: AuxSetSpec | None = None,
+        root: str | None = None,
+        download: bool = False,
+        val_fraction: float = 0.1,
+        train_limit: int | None = None,
+        val_limit: int | None = None,
+        test_limit: int | None = None,
+        image_size: int | None = None,
+        channels: int | None = None,
+        mean: float | list[float] = 0.5,
+        std: float | list[float] = 0.5,
+        train_transforms: list[nn.Module] | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["train_transforms"])  # modules; the CLI's config keeps them
+        self.id_set, self.ood_sets, self.aux_set = id_set, list(ood_sets or []), aux_set
+        self.root, self.download, self.val_fraction, self.seed = root, download, val_fraction, seed
+        self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.augmentation = num_workers, train_transforms
+        native = SOURCES[id_set.source]
+        self._num_classes = id_set.class_count
+        self._channels = self._native(channels, native.channels, "channels")
+        self._image_size = self._native(image_size, native.size, "image_size")
+        if self._channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self._channels}")
+        self._mean, self._std = self._per_channel(mean, "mean"), self._per_channel(std, "std")
+        self._check_other_sets()
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        for key, value in [*((f"{k}_limit", v) for k, v in self.limits.items()), ("batch_size", batch_size)]:
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be a positive integer or null, got {value}")
+        self._splits: dict[str, ImageDataset] = {}  # train, val, fit (train, not augmented), aux
+        self._test_sets: dict[str, ImageDataset] = {}  # keyed by test_set_names
+        self._class_names: list[str] | None = None
+        self._collate = NormalizeCollate(self._mean, self._std)
+
+    # ----------------------------------------------------------------------------------- config checks
+    def _native(self, value: int | None, native: int | None, key: str) -> int:
+        if value is None and native is None:
+            raise ValueError(f"{key} is required: source {self.id_set.source!r} has no fixed native {key}")
+        return value if value is not None else native  # type: ignore[return-value]
+
+    def _per_channel(self, value: float | list[float], key: str) -> tuple[float, ...]:
+        values = [value] * self._channels if isinstance(value, int | float) else list(value)
+        if len(values) != self._channels:
+            raise ValueError(
+                f"{key} needs 1 or {self._channels} values (channels={self._channels}), got {value}"
+            )
+        return tuple(float(v) for v in values)
+
+    def _check_other_sets(self) -> None:
+        """Checks across sets (each spec checks itself): unique names; no OOD or aux set that shares a source
+        and classes with the ID set; aux outliers disjoint from every test OOD set."""
+        names = [s.name for s in self.ood_sets]
+        for spec in self.ood_sets:
+            if spec.name == "id" or names.count(spec.name) > 1:
+                raise ValueError(f"ood_sets: names must be unique and not 'id', got {names}")
+            if _overlap(spec, self.id_set):
+                raise ValueError(f"OOD set {spec.name!r}: same source and classes as the ID set")
+        aux = self.aux_set
+        for spec, what in [(self.id_set, "the ID set"), *((s, f"OOD set {s.name!r}") for s in self.ood_sets)]:
+            if aux is not None and _overlap(aux, spec):
+                raise ValueError(f"aux_set: same source and classes as {what}; aux outliers must be disjoint")
+
+    # ----------------------------------------------------------------------------------- properties
+    @property
+    def num_classes(self) -> int:
+        """Number of ID classes (known at construction, no I/O)."""
+        return self._num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """ID class names, index ``k`` = target ``k`` (after ``setup``)."""
+        if self._class_names is None:
+            raise RuntimeError("class_names are known after setup()")
+        return self._class_names
+
+    @property
+    def test_set_names(self) -> list[str]:
+        """``["id", *OOD set names]``: the order of :meth:`test_dataloader` (``dataloader_idx``)."""
+        return ["id", *(s.name for s in self.ood_sets)]
+
+    @property
+    def test_set_groups(self) -> dict[str, str]:
+        """``{ood_set_name: "near" | "far"}``."""
+        return {s.name: s.group for s in self.ood_sets}
+
+    @property
+    def dataset_name(self) -> str:
+        """Short ID-set name for tracking, e.g. ``"fashionmnist"`` or ``"fashionmnist[0-5]"``."""
+        name = self.id_set.source
+        if "path" in self.id_set.options:
+            name += f"({Path(str(self.id_set.options['path'])).name})"
+        classes = self.id_set.classes
+        if classes is None:
+            return name
+        contiguous = len(classes) > 1 and classes == list(range(classes[0], classes[-1] + 1))
+        return (
+            f"{name}[{classes[0]}-{classes[-1]}]" if contiguous else f"{name}[{','.join(map(str, classes))}]"
+        )
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel normalisation mean (images in [0, 1]); ``x * std + mean`` undoes normalisation."""
+        return self._mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel normalisation standard deviation."""
+        return self._std
+
+    @property
+    def channels(self) -> int:
+        """Channels ``C`` of every batch's images (1 or 3)."""
+        return self._channels
+
+    @property
+    def image_size(self) -> int:
+        """Side ``S`` of every batch's images."""
+        return self._image_size
+
+    # ----------------------------------------------------------------------------------- building
+    def prepare_data(self) -> None:
+        """Download the sources that need it, only when ``download`` is set."""
+        specs = [(self.id_set, "train"), (self.id_set, "test"), *((s, s.split) for s in self.ood_sets)]
+        if self.aux_set is not None:
+            specs.append((self.aux_set, self.aux_set.split))
+        for spec, split in specs:
+            prepare = SOURCES[spec.source].prepare
+            if prepare is not None:
+                prepare(
+                    resolve_split(spec.source, split, spec.source), root=self.root, download=self.download
+                )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build every set once (later calls are no-ops) and log a summary on rank 0."""
+        if self._test_sets:
+            return
+        cache: dict[str, RawSet] = {}
+        augment = self._augmentation()
+        raw, idx, labels = self._load(self.id_set, "train", "id_set", cache)
+        names = [raw.class_names[c] for c in self.id_set.classes] if self.id_set.classes else raw.class_names
+        if len(names) != self._num_classes:
+            raise ValueError(f"id_set.num_classes={self._num_classes} but the data has {len(names)} classes")
+        self._class_names = list(names)
+        order = derived_rng(self.seed, "id/val").permutation(len(idx))
+        n_val = round(self.val_fraction * len(idx))
+        rows = {
+            part: self._limit(np.sort(o), part)
+            for part, o in (("train", order[n_val:]), ("val", order[:n_val]))
+        }
+        train = self._dataset(raw, idx[rows["train"]], labels[rows["train"]], augment)
+        self._splits = {
+            "train": train,
+            "val": self._dataset(raw, idx[rows["val"]], labels[rows["val"]]),
+            "fit": ImageDataset(train.images, train.targets),  # the train images, not augmented
+        }
+        raw, idx, labels = self._load(self.id_set, "test", "id_set", cache)
+        test_rows = self._limit(np.arange(len(idx)), "test")
+        test_sets = {"id": self._dataset(raw, idx[test_rows], labels[test_rows])}
+        for spec in self.ood_sets:
+            test_sets[spec.name] = self._outliers(spec, f"ood/{spec.name}", None, cache)
+        if self.aux_set is not None:
+            self._splits["aux"] = self._outliers(self.aux_set, "aux", augment, cache)
+        empty = [
+            name for name, d in [*self._splits.items(), *test_sets.items()] if len(d) == 0 and name != "val"
+        ]
+        if empty:
+            raise ValueError(f"these sets have no images after class selection and limits: {empty}")
+        self._test_sets = test_sets
+        rank_zero_info(self.summary())
+
+    def _load(
+        self, spec: IDSetSpec | OODSetSpec | AuxSetSpec, split: str, where: str, cache: dict[str, RawSet]
+    ) -> tuple[RawSet, np.ndarray, np.ndarray]:
+        raw, idx = load_split(spec.source, split, spec.options, self.root, cache)
+        return raw, *select_classes(raw, idx, spec.classes, where)
+
+    def _limit(self, rows: np.ndarray, part: str) -> np.ndarray:
+        return limit_indices(rows, self.limits[part], self.seed, f"id/{part}")
+
+    def _outliers(
+        self, spec: OODSetSpec | AuxSetSpec, key: str, augment: Augment, cache: dict[str, RawSet]
+    ) -> ImageDataset:
+        """An OOD or aux set with targets -1; ``key`` names it in errors and seeds its ``limit`` subset."""
+        raw, idx, _ = self._load(spec, resolve_split(spec.source, spec.split, key), key, cache)
+        idx = limit_indices(idx, spec.limit, self.seed, key)
+        return self._dataset(raw, idx, np.full(len(idx), -1, dtype=np.int64), augment)
+
+    def _dataset(
+        self, raw: RawSet, idx: np.ndarray, targets: np.ndarray, augment: Augment = None
+    ) -> ImageDataset:
+        images = make_images(raw, idx, self._channels, self._image_size)
+        return ImageDataset(images, torch.from_numpy(targets).long(), augment)
+
+    def _augmentation(self) -> Augment:
+        steps = default_augmentation(self._image_size) if self.augmentation is None else self.augmentation
+        return v2.Compose(list(steps)) if steps else None
+
+    def summary(self) -> str:
+        """A plain-text table of every set: name, group, source, split and size (after ``setup``)."""
+        rows = [("set", "group", "source", "split", "size")]
+        for part, split in (("train", "train"), ("val", "train"), ("test", "test")):
+            dataset = self._test_sets["id"] if part == "test" else self._splits[part]
+            rows.append((f"id/{part}", "id", self.dataset_name, split, str(len(dataset))))
+        others = [(s.name, s.group, s, self._test_sets[s.name]) for s in self.ood_sets]
+        if self.aux_set is not None:
+            others.append(("aux", "aux", self.aux_set, self._splits["aux"]))
+        for name, group, spec, dataset in others:
+            split = resolve_split(spec.source, spec.split, name)
+            rows.append((name, group, spec.source, split, str(len(dataset))))
+        widths = [max(len(row[k]) for row in rows) for k in range(5)]
+        lines = [
+            "  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths[:4], strict=True)), r[4].rjust(widths[4])])
+            for r in rows
+        ]
+        head = (
+            f"OODDataModule: ID {self.dataset_name} ({self._num_classes} classes), images "
+            f"{self._channels}x{self._image_size}x{self._image_size}, mean {self._mean}, std {self._std}"
+        )
+        return "\n".join([head, *("  " + line for line in lines)])
+
+    # ----------------------------------------------------------------------------------- loaders
+    def _dataset_for(self, key: str) -> ImageDataset:
+        """A built ID split or the aux set; fails before ``setup`` or when no aux set is configured."""
+        if not self._test_sets:
+            raise RuntimeError("call setup() before asking for dataloaders")
+        if key not in self._splits:
+            raise RuntimeError(
+                "aux_dataloader() needs an aux_set in the data config (e.g. source: aux_photos)"
+            )
+        return self._splits[key]
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: object) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def _shuffled(self, dataset: Dataset, key: str, batch_size: int) -> DataLoader:
+        seed = int(derived_rng(self.seed, key).integers(2**62))
+        return self._loader(dataset, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+    def _unpadded(self, dataset: Dataset) -> DataLoader:
+        """Sample-exact under DDP: every image goes to exactly one rank (design contract 1.5)."""
+        rank, world = distributed_world()
+        sampler = UnpaddedDistributedSampler(dataset, num_replicas=world, rank=rank) if world > 1 else None
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        """ID train split, augmented, shuffled (Lightning inserts its DistributedSampler under DDP)."""
+        return self._shuffled(self._dataset_for("train"), "shuffle/train", self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """ID validation split, not augmented; ``[]`` when ``val_fraction`` is 0."""
+        dataset = self._dataset_for("val")
+        return self._unpadded(dataset) if len(dataset) else []
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """``[id_test, *ood_sets]`` in the order of :attr:`test_set_names`, not augmented."""
+        self._dataset_for("fit")  # fails clearly before setup
+        return [self._unpadded(self._test_sets[name]) for name in self.test_set_names]
+
+    def fit_dataloader(self) -> DataLoader:
+        """ID **train** split, **not augmented**, not shuffled: for fitting detectors' statistics."""
+        return self._unpadded(self._dataset_for("fit"))
+
+    def aux_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Auxiliary outliers (targets ``-1``), augmented, shuffled, a different order on every DDP rank.
+
+        Not a Lightning hook: a method that trains with outliers iterates it next to the train loader, with
+        ``batch_size`` (default: the training ``batch_size``) per step.
+        """
+        rank, _ = distributed_world()
+        return self._shuffled(self._dataset_for("aux"), f"shuffle/aux/{rank}", batch_size or self.batch_size)
+
+
+def _overlap(a: IDSetSpec | OODSetSpec | AuxSetSpec, b: IDSetSpec | OODSetSpec | AuxSetSpec) -> bool:
+    """Whether two sets draw from the same source with common classes (``classes=None``: all of them)."""
+    if a.source != b.source or a.options != b.options:
+        return False
+    return a.classes is None or b.classes is None or bool(set(a.classes) & set(b.classes))

@@ -1,0 +1,224 @@
+"""The detector API: what a detector consumes, how it is fitted (streaming) and how it scores.
+
+Every detector returns a float tensor of shape ``[B]`` in which **higher means more likely OOD**; scores are raw
+and unbounded (see the README's score convention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, fields
+from typing import ClassVar, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+#: Everything a detector may ask for. ``head`` is the network's final linear layer, ``model`` a callable
+#: ``inputs -> ModelOutputs`` (for detectors that run their own forward/backward pass, such as ODIN).
+CONSUMABLES = frozenset({"logits", "features", "head", "inputs", "model"})
+
+
+class ModelOutputs(NamedTuple):
+    """One forward pass of a method's network.
+
+    Attributes:
+        logits: ``[B, C]`` class logits.
+        features: ``[B, D]`` the representation the feature-based detectors use (penultimate pooled features for
+            a CNN, the [CLS] embedding after the final LayerNorm for a ViT), or ``None``.
+    """
+
+    logits: Tensor
+    features: Tensor | None = None
+
+
+@runtime_checkable
+class ScoringModel(Protocol):
+    """What a method exposes to detectors that need more than one forward pass's outputs."""
+
+    def forward_outputs(self, inputs: Tensor) -> ModelOutputs: ...
+
+    @property
+    def head(self) -> nn.Linear | None: ...
+
+
+@dataclass(frozen=True)
+class DetectorInputs:
+    """The inputs of :meth:`Detector.update` and :meth:`Detector.score` for one batch.
+
+    Attributes:
+        logits: ``[B, C]``.
+        features: ``[B, D]`` or ``None``.
+        head: the final ``nn.Linear`` mapping ``features`` to ``logits`` (``W: [C, D]``, ``b: [C]``), or ``None``.
+        inputs: ``[B, ...]`` the (normalised) input images, or ``None``.
+        model: the method, for detectors that run the network themselves, or ``None``.
+    """
+
+    logits: Tensor
+    features: Tensor | None = None
+    head: nn.Linear | None = None
+    inputs: Tensor | None = None
+    model: ScoringModel | None = None
+
+    @classmethod
+    def from_outputs(
+        cls,
+        outputs: ModelOutputs,
+        *,
+        head: nn.Linear | None = None,
+        inputs: Tensor | None = None,
+        model: ScoringModel | None = None,
+    ) -> DetectorInputs:
+        return cls(logits=outputs.logits, features=outputs.features, head=head, inputs=inputs, model=model)
+
+    def available(self) -> frozenset[str]:
+        return frozenset(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+class Detector(nn.Module):
+    """Base class of every post-hoc OOD detector.
+
+    Subclasses set :attr:`requires` (a subset of :data:`CONSUMABLES`) and implement :meth:`score`. A detector
+    that needs statistics of the ID training set sets :attr:`needs_fit` and implements :meth:`update`
+    (accumulate sufficient statistics of one batch, in float64) and :meth:`finalize` (sum them across ranks
+    with :func:`all_reduce_sum` / :func:`all_gather_cat`, then compute what :meth:`score` uses). Fitted state is
+    kept in buffers, so it is saved with a checkpoint; buffers whose shape is only known after fitting are
+    resized when a state dict is loaded.
+
+    Hyperparameters are constructor arguments (they are the YAML / command-line schema). ``name`` sets the key
+    under which the detector's scores are logged; it defaults to the snake-case class name.
+    """
+
+    requires: ClassVar[frozenset[str]] = frozenset({"logits"})
+    needs_fit: ClassVar[bool] = False
+    #: The log key when no ``name`` is given (default: the class name in snake case, e.g. ``max_logit``).
+    default_name: ClassVar[str | None] = None
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__()
+        self._name = name or self.default_name or _snake(type(self).__name__)
+        self.register_buffer("_fitted", torch.tensor(not self.needs_fit), persistent=True)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self._fitted)
+
+    def fingerprint(self) -> str:
+        """A short hash of the class and its hyperparameters (``extra_repr``), used to match fitted state."""
+        text = f"{type(self).__module__}.{type(self).__qualname__}({self.extra_repr()})"
+        return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+    def check_applicable(self, available: frozenset[str]) -> None:
+        """Raise a clear error when the model cannot give this detector what it consumes."""
+        missing = self.requires - available
+        if missing:
+            raise ValueError(
+                f"detector {self.name!r} ({type(self).__name__}) needs {sorted(missing)}, which this method does "
+                f"not provide (it provides {sorted(available)}). Remove it from `model.detectors` or use a method "
+                "that exposes them."
+            )
+
+    # -- fitting ---------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget accumulated statistics; called before a fit pass."""
+        self._fitted.fill_(not self.needs_fit)
+
+    def update(self, batch: DetectorInputs, targets: Tensor) -> None:
+        """Accumulate the sufficient statistics of one ID training batch (``targets``: ``[B]`` class indices)."""
+
+    def finalize(self) -> None:
+        """Reduce statistics across ranks and compute the fitted state."""
+        self._fitted.fill_(True)
+
+    def fit(
+        self,
+        *,
+        logits: Tensor | None = None,
+        features: Tensor | None = None,
+        targets: Tensor | None = None,
+        head: nn.Linear | None = None,
+        batch_size: int | None = None,
+    ) -> Detector:
+        """Fit from whole tensors (convenience; streams them in chunks of ``batch_size`` through ``update``)."""
+        ref = logits if logits is not None else features
+        if ref is None:
+            raise ValueError("fit() needs logits or features")
+        n = ref.shape[0]
+        if targets is None:
+            targets = torch.full((n,), -1, dtype=torch.long, device=ref.device)
+        step = batch_size or n
+        self.reset()
+        for start in range(0, n, step):
+            sl = slice(start, start + step)
+            self.update(
+                DetectorInputs(
+                    logits=logits[sl] if logits is not None else torch.empty(0),
+                    features=features[sl] if features is not None else None,
+                    head=head,
+                ),
+                targets[sl],
+            )
+        self.finalize()
+        return self
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def score(self, batch: DetectorInputs) -> Tensor:
+        """Return ``[B]`` OOD scores, higher = more OOD."""
+        raise NotImplementedError
+
+    def forward(self, batch: DetectorInputs) -> Tensor:
+        if self.needs_fit and not self.fitted:
+            raise RuntimeError(
+                f"detector {self.name!r} needs fitting on the ID training set before it can score; the method "
+                "fits it automatically at the start of testing (or call .fit(...))."
+            )
+        return self.score(batch)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Fitted buffers (e.g. a D x D precision matrix) have shapes only known after fitting: adopt the saved one.
+        for name, buf in list(self._buffers.items()):
+            key = prefix + name
+            if key in state_dict and buf is not None and buf.shape != state_dict[key].shape:
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+# -- distributed helpers ---------------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks in place (a no-op outside distributed runs); returns it."""
+    if _distributed() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """Element-wise max of ``tensor`` over all ranks, in place (no-op outside distributed runs)."""
+    if _distributed() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` (``[n_rank, ...]``, sizes may differ per rank) over all ranks along dim 0."""
+    if _distributed() and torch.distributed.get_world_size() > 1:
+        from torchmetrics.utilities.distributed import gather_all_tensors
+
+        return torch.cat(gather_all_tensors(tensor), dim=0)
+    return tensor

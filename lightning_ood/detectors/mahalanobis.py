@@ -1,0 +1,156 @@
+"""Gaussian class-conditional detectors: Mahalanobis (tied or per-class covariance) and relative Mahalanobis.
+
+Fitted in one streaming pass of float64 sufficient statistics (see :mod:`gaussian_stats`); no training sample
+is stored. Covariances are the maximum-likelihood ones (divided by the sample count, like sklearn's
+``EmpiricalCovariance``) and are inverted with a relative ridge and an eigenvalue cut-off (:func:`whitener`):
+``Sigma^-1 ~ pinv(Sigma + ridge * (trace(Sigma) / D) * I)``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_ood.detectors.base import DetectorInputs
+from lightning_ood.detectors.gaussian_stats import MomentDetector, Moments, squared_distances, whitener
+
+Covariance = Literal["tied", "per_class"]
+
+
+def _check_ridge(ridge: float) -> None:
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+
+
+class Mahalanobis(MomentDetector):
+    """Squared Mahalanobis distance to the nearest class: ``min_c (z - mu_c)^T Sigma_c^-1 (z - mu_c)``.
+
+    Higher = more OOD. ``z``: ``[B, D]`` features; returns ``[B]`` float64 scores. The minimum over classes is
+    used for every sample (never the ground-truth class).
+
+    - ``covariance="tied"`` (Lee et al., NeurIPS 2018, eq. 1-2): one shared covariance, the pooled
+      within-class scatter over ``N``: ``Sigma = 1/N sum_i (z_i - mu_{y_i})(z_i - mu_{y_i})^T``. This equals
+      ``EmpiricalCovariance(assume_centered=True).fit(z - mu_y).covariance_``, and with ``ridge=0`` the
+      distance to class ``c`` equals that estimator's ``.mahalanobis(x - mu_c)`` (which returns *squared*
+      distances, computed with ``precision_ = pinvh(covariance_)``). Statistics: counts ``[C]``, sums
+      ``[C, D]`` and one ``[D, D]`` second moment; memory ``O(C*D + D^2)``.
+    - ``covariance="per_class"`` (OODformer's code, Koner et al., BMVC 2021): each class its own covariance
+      ``Sigma_c = 1/n_c sum_{y_i = c} (z_i - mu_c)(z_i - mu_c)^T``, i.e.
+      ``EmpiricalCovariance().fit(z[y == c]).covariance_``; with ``ridge=0`` the distance equals that
+      estimator's ``.mahalanobis(x)``. (OODformer's ``np.cov`` divides by ``n_c - 1``, which scales class
+      ``c``'s distances by ``(n_c - 1) / n_c``.) Needs per-class second moments: memory ``O(C*D^2)``. A class
+      with fewer samples than dimensions has a singular covariance; the ridge keeps its inverse finite (and
+      large off the class's affine hull); a class with zero variance (a single sample) takes the pooled
+      covariance's ``trace / D`` as its ridge unit, and is an error with ``ridge=0``.
+
+    Args:
+        covariance: ``"tied"`` or ``"per_class"``.
+        ridge: relative ridge ``eps``: ``eps * trace(Sigma) / D`` is added to the diagonal before inversion;
+            eigenvalues below ``D * eps_float64 * max_eigenvalue`` are then dropped (pseudo-inverse), so
+            all-zero (dead) dimensions and ``ridge=0`` never give inf/NaN.
+    """
+
+    def __init__(self, covariance: Covariance = "tied", ridge: float = 1e-6, name: str | None = None) -> None:
+        if covariance not in ("tied", "per_class"):
+            raise ValueError(f"Mahalanobis covariance must be 'tied' or 'per_class', got {covariance!r}")
+        _check_ridge(ridge)
+        per_class = covariance == "per_class"
+        super().__init__(name, second_moment=not per_class, class_second_moment=per_class)
+        self.covariance = covariance
+        self.ridge = ridge
+        self.register_buffer("means", torch.empty(0, dtype=torch.float64))  # [C, D]
+        self.register_buffer("center", torch.empty(0, dtype=torch.float64))  # [D], the training mean
+        self.register_buffer(
+            "whitener", torch.empty(0, dtype=torch.float64)
+        )  # [D, D] tied, [C, D, D] per class
+        self.register_buffer(
+            "white_means", torch.empty(0, dtype=torch.float64)
+        )  # [C, D] tied: (mu_c - center) W
+
+    def extra_repr(self) -> str:
+        return f"covariance={self.covariance!r}, ridge={self.ridge}"
+
+    def load_moments(self, moments: Moments) -> None:
+        if self.covariance == "tied":
+            w = whitener(moments.within_scatter / moments.count, self.ridge)
+            white_means = (moments.means - moments.mean) @ w
+        else:
+            w = self._class_whiteners(moments)
+            white_means = torch.empty(0, dtype=torch.float64)
+        self._set_buffers(means=moments.means, center=moments.mean, whitener=w, white_means=white_means)
+
+    def _class_whiteners(self, moments: Moments) -> Tensor:
+        """``[C, D, D]`` per-class whiteners; a zero-variance class borrows the pooled scale for its ridge."""
+        covs = moments.class_scatter / moments.counts[:, None, None]
+        scale = covs.diagonal(dim1=-2, dim2=-1).mean(-1)  # trace / D, [C]
+        flat = (scale <= 0).nonzero().flatten().tolist()
+        if flat and self.ridge == 0:
+            raise ValueError(
+                f"class(es) {flat[:10]} have zero covariance (one sample, or identical samples): with "
+                "ridge=0 every point would be at distance 0 from them. Use ridge > 0 or covariance='tied'."
+            )
+        pooled = moments.class_scatter.sum(0).diagonal().mean() / moments.count
+        return whitener(covs, self.ridge, torch.where(scale > 0, scale, pooled))
+
+    def class_distances(self, batch: DetectorInputs) -> Tensor:
+        """``[B, C]`` float64 squared Mahalanobis distances to every class."""
+        z = self._features(batch, self.means) - self.center
+        if self.covariance == "tied":
+            return squared_distances(z @ self.whitener, self.white_means)
+        # One [B, D] x [D, D] product per class: O(C) matmuls, no [B, C, D] tensor.
+        mus = self.means - self.center
+        return torch.stack(
+            [((z - mu) @ w).square().sum(1) for mu, w in zip(mus, self.whitener, strict=True)], dim=1
+        )
+
+    def score(self, batch: DetectorInputs) -> Tensor:
+        return self.class_distances(batch).amin(dim=1).to(batch.features.device)
+
+
+class RMD(MomentDetector):
+    """Relative Mahalanobis distance (Ren et al., 2021, arXiv 2106.09022, Sec. 2): ``min_c MD_c - MD_0``.
+
+    Higher = more OOD (the paper's confidence is ``-min_c RMD_c``). ``MD_c`` is the tied-covariance squared
+    Mahalanobis distance of :class:`Mahalanobis` (``covariance="tied"``); ``MD_0(z) = (z - mu_0)^T Sigma_0^-1
+    (z - mu_0)`` is the distance under a single "background" Gaussian fitted on all training features:
+    ``mu_0`` their mean and ``Sigma_0 = 1/N sum_i (z_i - mu_0)(z_i - mu_0)^T``, i.e.
+    ``EmpiricalCovariance().fit(z)`` (with ``ridge=0``, ``MD_0`` is its ``.mahalanobis(z)``). The paper's
+    score is ``min_c RMD_c(z)`` with ``RMD_c = MD_c - MD_0``; ``MD_0`` does not depend on ``c``, so it equals
+    ``min_c MD_c(z) - MD_0(z)``. ``z``: ``[B, D]``; returns ``[B]`` float64. Statistics: counts ``[C]``, sums
+    ``[C, D]`` and one ``[D, D]`` second moment (both covariances derive from it).
+
+    Args:
+        ridge: relative ridge for both covariances, as in :class:`Mahalanobis`.
+    """
+
+    def __init__(self, ridge: float = 1e-6, name: str | None = None) -> None:
+        _check_ridge(ridge)
+        super().__init__(name)
+        self.ridge = ridge
+        self.register_buffer("means", torch.empty(0, dtype=torch.float64))  # [C, D]
+        self.register_buffer("center", torch.empty(0, dtype=torch.float64))  # [D], mu_0
+        self.register_buffer("whitener", torch.empty(0, dtype=torch.float64))  # [D, D], tied class covariance
+        self.register_buffer("white_means", torch.empty(0, dtype=torch.float64))  # [C, D]
+        self.register_buffer("background_whitener", torch.empty(0, dtype=torch.float64))  # [D, D], Sigma_0
+
+    def extra_repr(self) -> str:
+        return f"ridge={self.ridge}"
+
+    def load_moments(self, moments: Moments) -> None:
+        w = whitener(moments.within_scatter / moments.count, self.ridge)
+        w0 = whitener(moments.total_scatter / moments.count, self.ridge)
+        self._set_buffers(
+            means=moments.means,
+            center=moments.mean,
+            whitener=w,
+            white_means=(moments.means - moments.mean) @ w,
+            background_whitener=w0,
+        )
+
+    def score(self, batch: DetectorInputs) -> Tensor:
+        z = self._features(batch, self.means) - self.center
+        md_class = squared_distances(z @ self.whitener, self.white_means).amin(dim=1)
+        md_background = (z @ self.background_whitener).square().sum(1)
+        return (md_class - md_background).to(batch.features.device)

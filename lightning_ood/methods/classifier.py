@@ -1,0 +1,111 @@
+"""The baseline: a timm classifier trained with cross-entropy, scored by post-hoc detectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lightning_ood.detectors.base import Detector, ModelOutputs
+from lightning_ood.methods.base import OODMethod
+from lightning_ood.methods.optim import configure_optimizers
+from lightning_ood.nets.timm_net import TimmNet, create_timm_model
+
+
+class Classifier(OODMethod):
+    """Any timm backbone trained with cross-entropy on the ID classes; OOD scores are post-hoc detectors.
+
+    Args:
+        backbone: timm model name (``timm.list_models()``), e.g. ``resnet18``, ``resnet10t``.
+        num_classes: number of ID classes (linked from ``data.num_classes`` by the CLI).
+        in_chans: input channels (linked from ``data.channels`` by the CLI).
+        pretrained: load timm's pretrained weights for ``backbone`` (needs network access once).
+        weights_path: a local weights file to start from instead (offline); takes precedence.
+        backbone_kwargs: extra ``timm.create_model`` arguments (``drop_rate``, ``img_size``, ...).
+        optimizer / scheduler: injected by the config (``class_path`` + ``init_args``).
+        scheduler_interval: step the scheduler per ``"epoch"`` or per ``"step"``.
+        label_smoothing: cross-entropy label smoothing (0 = plain CE).
+        detectors: the post-hoc detectors scored at test time (``None``: every applicable one).
+        detector_cache: cache fitted detector statistics beside the tested checkpoint.
+    """
+
+    method_name = "classifier"
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 10,
+        in_chans: int = 3,
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+        label_smoothing: float = 0.0,
+        detectors: Sequence[Detector] | None = None,
+        detector_cache: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["detectors"])
+        self.net = TimmNet(
+            create_timm_model(
+                backbone,
+                num_classes=num_classes,
+                in_chans=in_chans,
+                pretrained=pretrained,
+                weights_path=weights_path,
+                **(backbone_kwargs or {}),
+            )
+        )
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.init_detectors(detectors, detector_cache)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.net.head
+
+    def forward_outputs(self, x: Tensor) -> ModelOutputs:
+        return self.net(x)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        images, targets = batch
+        logits = self.net(images).logits
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        acc = (logits.argmax(dim=1) == targets).float().mean()
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=not on_step,
+            batch_size=len(targets),
+        )
+        self.log(
+            f"{stage}/acc",
+            acc,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(targets),
+        )
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        return configure_optimizers(
+            self.parameters(), self.optimizer, self.scheduler, self.hparams.scheduler_interval
+        )

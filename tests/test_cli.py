@@ -1,0 +1,122 @@
+"""End to end through the CLI: train then test, evaluate a checkpoint (cached fit), W&B offline, config files."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_ood.callbacks import OODEvaluation
+from lightning_ood.cli import OODCLI, evaluate, train
+from lightning_ood.metrics import METRIC_KEYS
+
+TINY = ["--data", "configs/data/digits_tiny.yaml", "--model", "configs/model/classifier_tiny.yaml"]
+FAST = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--ood_eval.plots=false",
+    "--ood_eval.print_table=false",
+]
+
+
+def _csv_logger(root: Path) -> list[str]:
+    return [
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={root}",
+        "--trainer.logger.name=run",
+    ]
+
+
+def _eval_callback(cli: OODCLI) -> OODEvaluation:
+    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, OODEvaluation))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short training run shared by the tests below."""
+    root = tmp_path_factory.mktemp("train")
+    cli = train([*TINY, *FAST, *_csv_logger(root), "--trainer.max_epochs=2"])
+    return cli, root
+
+
+def test_train_writes_results_for_every_set_and_detector(trained):
+    cli, _ = trained
+    cb = _eval_callback(cli)
+    out = cb.output_path
+    rows = json.loads((out / "ood_results.json").read_text())
+    detectors = set(cli.model.detectors)
+    assert {"msp", "max_logit", "energy", "mahalanobis", "knn", "vim"} <= detectors
+    sets = {(r["detector"], r["set"]) for r in rows}
+    assert sets == {(d, s) for d in detectors for s in ("faces", "gaussian", "near", "far", "all")}
+    row = next(r for r in rows if r["detector"] == "msp" and r["set"] == "gaussian")
+    assert row["n_id"] == 101 and row["n_ood"] == 37 and row["group"] == "far"
+    assert row["method"] == "classifier" and row["backbone"] == "test_resnet" and row["dataset"] == "digits"
+    assert all(0.0 <= row[k] <= 1.0 for k in METRIC_KEYS)
+    assert (out / "ood_results.csv").is_file() and (out / "ood_results.md").is_file()
+    assert (out / "config.yaml").is_file()
+    logged = cli.trainer.callback_metrics
+    assert (
+        "test/id/acc" in logged
+        and "test/gaussian/msp/auroc" in logged
+        and "test/far/knn/fpr95_idpos" in logged
+    )
+    assert float(logged["test/gaussian/msp/auroc"]) == pytest.approx(row["auroc"], abs=1e-6)
+
+
+def test_evaluate_matches_and_reuses_cached_detector_fit(trained, tmp_path):
+    cli, _ = trained
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    cache = Path(f"{ckpt}.detectors.pt")
+    assert cache.is_file(), "the test after fit caches the fitted detector statistics beside the checkpoint"
+    stamp = cache.stat().st_mtime_ns
+    ev = evaluate([*TINY, *FAST, *_csv_logger(tmp_path), f"--ckpt_path={ckpt}"])
+    assert cache.stat().st_mtime_ns == stamp  # nothing refitted, nothing rewritten
+    a = {(r["detector"], r["set"]): r for r in _eval_callback(cli).rows}
+    b = {(r["detector"], r["set"]): r for r in _eval_callback(ev).rows}
+    assert a.keys() == b.keys()
+    for key in a:
+        for metric in METRIC_KEYS:
+            assert b[key][metric] == pytest.approx(a[key][metric], abs=1e-9), (key, metric)
+
+
+def test_evaluate_with_other_detectors_than_trained(trained, tmp_path):
+    cli, _ = trained
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    dets = (
+        '[{"class_path": "lightning_ood.detectors.Mahalanobis", "init_args": {"covariance": "per_class", '
+        '"name": "maha_class"}}, {"class_path": "lightning_ood.detectors.KNN", "init_args": {"k": 5}}]'
+    )
+    ev = evaluate(
+        [*TINY, *FAST, *_csv_logger(tmp_path), f"--ckpt_path={ckpt}", f"--model.init_args.detectors={dets}"]
+    )
+    assert {r["detector"] for r in _eval_callback(ev).rows} == {"maha_class", "knn"}
+
+
+def test_wandb_offline_run_holds_metrics(tmp_path):
+    cli = train(
+        [
+            *TINY,
+            *FAST,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.logger.init_args.group=tests",
+        ]
+    )
+    logger = cli.trainer.logger
+    assert type(logger).__name__ == "WandbLogger" and logger._offline
+    run = logger.experiment
+    assert run.config["method"] == "classifier" and run.config["dataset"] == "digits"
+    assert run.config["config"]["data"]["init_args"]["image_size"] == 16
+    assert "test/gaussian/msp/auroc" in run.summary
+    out = _eval_callback(cli).output_path
+    assert out == tmp_path / "lightning-ood" / run.id and (out / "ood_results.json").is_file()
+    assert list(tmp_path.glob("wandb/offline-run-*"))
+    run.finish()
+
+
+def test_bad_config_key_is_named(capsys):
+    with pytest.raises(SystemExit):
+        OODCLI(args=[*TINY, "--model.init_args.no_such_option=1"])
+    assert "no_such_option" in capsys.readouterr().err
