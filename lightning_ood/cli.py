@@ -22,6 +22,10 @@ DEFAULT_LOGGER = {
 }
 
 
+#: Arguments of one entry point only: ``train.py --test_after_fit``, ``evaluate.py --ckpt_path``.
+ENTRY_ONLY_KEYS = ("test_after_fit", "ckpt_path")
+
+
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Saves the full config into the run directory and sends it to every logger (W&B config).
 
@@ -35,10 +39,16 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         directory = run_dir(trainer)  # collective: every rank calls it
         if trainer.is_global_zero:
             directory.mkdir(parents=True, exist_ok=True)
+            # Leave out what only one entry point takes, so the saved config works with train.py and evaluate.py.
+            config = self.config.clone()
+            for key in ENTRY_ONLY_KEYS:
+                if key in config:
+                    del config[key]
             self.parser.save(
-                self.config,
+                config,
                 directory / self.config_filename,
                 skip_none=False,
+                skip_check=True,
                 overwrite=True,
                 multifile=self.multifile,
             )

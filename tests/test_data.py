@@ -402,7 +402,6 @@ DIGITS = IDSetSpec("digits")
     ("kwargs", "match"),
     [
         (dict(ood_sets=[OODSetSpec("a", "faces", "far")] * 2), "unique"),
-        (dict(ood_sets=[OODSetSpec("id", "faces", "far")]), "unique and not 'id'"),
         (dict(ood_sets=[OODSetSpec("d", "digits", "far")]), "same source and classes"),
         (dict(id_set=IDSetSpec("digits", [0, 1]), ood_sets=[OODSetSpec("d", "digits", "near", [1, 2])]),
          "same source and classes"),
@@ -432,6 +431,9 @@ def test_bad_configs_name_the_key(kwargs: dict, match: str) -> None:
         (lambda: IDSetSpec("digits", classes=[10]), r"\[0, 10\)"),
         (lambda: IDSetSpec("digits", num_classes=5), "has 10 classes"),
         (lambda: AuxSetSpec(limit=0), "aux_set.limit"),
+        (lambda: OODSetSpec("id", "faces", "far"), r"OOD set 'id': .*not one of \('id', 'near', 'far', 'all'\)"),
+        (lambda: OODSetSpec("all", "faces", "far"), "OOD set 'all'"),
+        (lambda: OODSetSpec("a/b", "faces", "far"), "without '/'"),
         (lambda: OODSetSpec("x", "digits", "far", classes=[9, 10]), r"x'.classes: 'digits' has 10 classes"),
     ],
 )  # fmt: skip

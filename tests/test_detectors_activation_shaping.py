@@ -11,7 +11,9 @@ from lightning_ood.detectors import ASH, DetectorInputs, ReAct
 from lightning_ood.detectors.activation_shaping import percentile_linear
 
 
-def _setup(seed: int, n: int = 120, d: int = 20, c: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
+def _setup(
+    seed: int, n: int = 120, d: int = 20, c: int = 5
+) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
     gen = torch.Generator().manual_seed(seed)
     train = torch.randn(n, d, generator=gen).relu() * 2  # post-ReLU-like activations, many zeros
     test = torch.randn(30, d, generator=gen).relu() * 3
@@ -50,7 +52,7 @@ def test_react_matches_numpy(percentile: float, temperature: float) -> None:
 def test_react_fixed_threshold_needs_no_fit() -> None:
     _, test, head = _setup(6)
     det = ReAct(threshold=1.0)
-    assert not det.needs_fit and det.fitted and ReAct.needs_fit
+    assert not det.needs_fit and det.fitted and ReAct.needs_fit and det.name == "react"
     expected = _np_energy(np.minimum(test.double().numpy(), 1.0), head)
     np.testing.assert_allclose(det(_batch(test, head)).numpy(), expected, rtol=1e-5, atol=1e-5)
     det.reset()

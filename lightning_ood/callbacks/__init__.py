@@ -1,6 +1,7 @@
-"""Cross-cutting concerns: OOD metric aggregation, result files, plots, W&B tables."""
+"""Cross-cutting concerns: OOD metric aggregation, result files, plots, attention maps, W&B tables."""
 
+from lightning_ood.callbacks.attention_maps import AttentionMaps
 from lightning_ood.callbacks.ood_evaluation import OODEvaluation
 from lightning_ood.callbacks.run_dir import run_dir
 
-__all__ = ["OODEvaluation", "run_dir"]
+__all__ = ["AttentionMaps", "OODEvaluation", "run_dir"]

@@ -8,15 +8,15 @@ from typing import Any, Protocol, runtime_checkable
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
-from lightning.pytorch.loggers import WandbLogger  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
 
-from lightning_ood.callbacks.plots import save_figure  # noqa: E402
-from lightning_ood.callbacks.run_dir import run_dir  # noqa: E402
-from lightning_ood.nets.vit import upsample_map  # noqa: E402
+from lightning_ood.callbacks.plots import save_figure
+from lightning_ood.callbacks.run_dir import run_dir
+from lightning_ood.nets.vit import upsample_map
 
 
 @runtime_checkable
@@ -65,12 +65,15 @@ class AttentionMaps(Callback):
         self.paths: list[Path] = []
         self._images: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
 
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Fail before training, not after it.
         if not isinstance(pl_module, AttentionModel):
             raise TypeError(
                 f"AttentionMaps needs a method with cls_attention(x) (e.g. OODformer); {type(pl_module).__name__} "
                 "has none. Remove the callback from trainer.callbacks."
             )
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         dm = trainer.datamodule
         missing = [a for a in ("test_set_names", "mean", "std") if not hasattr(dm, a)]
         if missing:

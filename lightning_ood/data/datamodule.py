@@ -53,7 +53,8 @@ class OODDataModule(LightningDataModule):
         mean, std: per-channel normalisation of images scaled to [0, 1] (one value = every channel).
         train_transforms: augmentation of uint8 ``[C, S, S]`` images for training and aux outliers (e.g.
             ``torchvision.transforms.v2`` objects from YAML); ``None``: random crop with padding ``S // 8``
-            and horizontal flip; ``[]``: none. Evaluation never augments.
+            and horizontal flip; ``[]``: none. They return uint8 (or float in [0, 1]) and must not normalise:
+            batches are normalised after them. Evaluation never augments.
         batch_size: training batch size; eval_batch_size: for val/test/fit loaders (``None``: ``batch_size``).
         num_workers: DataLoader workers per loader.
         seed: seeds the ID train/val split, every limit subset and the shuffling order.
@@ -124,8 +125,8 @@ class OODDataModule(LightningDataModule):
         and classes with the ID set; aux outliers disjoint from every test OOD set."""
         names = [s.name for s in self.ood_sets]
         for spec in self.ood_sets:
-            if spec.name == "id" or names.count(spec.name) > 1:
-                raise ValueError(f"ood_sets: names must be unique and not 'id', got {names}")
+            if names.count(spec.name) > 1:
+                raise ValueError(f"ood_sets: names must be unique, got {names}")
             if _overlap(spec, self.id_set):
                 raise ValueError(f"OOD set {spec.name!r}: same source and classes as the ID set")
         aux = self.aux_set

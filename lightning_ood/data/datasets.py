@@ -27,6 +27,8 @@ from lightning_ood.data.sources_torchvision import imagefolder, read_image, torc
 from lightning_ood.data.transforms import format_images
 
 GROUPS = ("near", "far")
+#: Names no OOD set may take: the ID set's, and the group means' in logged keys ``test/<near|far|all>/...``.
+RESERVED_NAMES = ("id", "near", "far", "all")
 SPLITS = ("train", "test", "all")
 _POOL_TEST_FRACTION = 0.2
 
@@ -157,7 +159,7 @@ class OODSetSpec:
     """One named test OOD set; every sample's target is ``-1``.
 
     Attributes:
-        name: the set's name in ``test_set_names`` and in logged keys; unique, not ``"id"``.
+        name: the set's name in ``test_set_names`` and in logged keys; unique, not in :data:`RESERVED_NAMES`.
         source: a name in :data:`SOURCES`.
         group: ``"near"`` or ``"far"``.
         classes: original class indices to keep (e.g. the held-out classes of an open-set split).
@@ -177,6 +179,10 @@ class OODSetSpec:
 
     def __post_init__(self) -> None:
         where = f"OOD set {self.name!r}"
+        if self.name in RESERVED_NAMES or not self.name or "/" in self.name:
+            raise ValueError(
+                f"{where}: a name must be non-empty, without '/', and not one of {RESERVED_NAMES}"
+            )
         if self.group not in GROUPS:
             raise ValueError(f"{where}: group must be 'near' or 'far', got {self.group!r}")
         _check_set(self, where)

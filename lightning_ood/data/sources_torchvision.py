@@ -57,8 +57,11 @@ def torchvision_builder(name: str) -> tuple[Callable[..., RawSet], Callable[...,
 
     def build(split: str, root: str | None = None) -> RawSet:
         ds = _torchvision_dataset(name, split, root, download=False)
-        data = np.asarray(ds.data)
-        images = data[..., None] if data.ndim == 3 else data.transpose(0, 2, 3, 1) if name == "svhn" else data
+        images = np.asarray(ds.data)  # MNIST-like [N, H, W]; CIFAR [N, H, W, 3]; SVHN [N, 3, H, W]
+        if images.ndim == 3:
+            images = images[..., None]
+        elif name == "svhn":
+            images = images.transpose(0, 2, 3, 1)
         labels = np.asarray(ds.labels if name == "svhn" else ds.targets, dtype=np.int64)
         classes = tuple(getattr(ds, "classes", None) or (str(c) for c in range(10)))
         return RawSet(np.ascontiguousarray(images, dtype=np.uint8), labels, classes)

@@ -63,12 +63,13 @@ class ReAct(Detector):
 
     ``c`` is the ``percentile``-th percentile of *all* ``N * D`` feature values of the ID training set (the
     paper's rule), computed exactly like ``np.percentile`` (linear interpolation): fitting keeps the float32
-    features (``N * D * 4`` bytes, e.g. 100 MB for 50k x 512) until ``finalize``, which gathers them across
-    ranks first, so a DDP fit gives exactly the one-process threshold. No one-pass exact method with less
-    memory exists; for huge ``N`` set ``max_samples`` to keep a uniform random subset of that many training
-    rows (bottom-k sampling with seeded random keys, also merged across ranks). That threshold is then an
-    estimate whose value depends on the seed, data order and world size; its rank error is about
-    ``sqrt(p (1 - p) / (max_samples * D))`` in quantile units (at 10k rows x 512: ~2e-4).
+    features (``N * D * 4`` bytes on their device, e.g. 100 MB for 50k x 512) until ``finalize``, which
+    gathers them across ranks first, so a DDP fit gives exactly the one-process threshold. No one-pass exact
+    method with less memory exists; for huge ``N`` set ``max_samples`` to keep a uniform random subset of that
+    many training rows (bottom-k sampling with seeded random keys, also merged across ranks). That threshold
+    is then an estimate whose value depends on the seed, data order and world size; its rank error is about
+    ``sqrt(p (1 - p) / (max_samples * D))`` in quantile units (at 10k rows x 512: ~2e-4, ignoring the
+    correlation of values within a row).
     After fitting only the scalar ``c`` is kept (a buffer).
 
     Args:
@@ -77,7 +78,7 @@ class ReAct(Detector):
         threshold: a fixed clipping value ``c``; when given, no fitting is needed (and none is done).
         max_samples: keep at most this many ID-train rows for the percentile; ``None`` keeps all (exact).
         seed: seed of the subsampling keys (used only with ``max_samples``).
-        name: log key; defaults to ``"re_act"``.
+        name: log key; defaults to ``"react"``.
     """
 
     requires: ClassVar[frozenset[str]] = frozenset({"features", "head"})
@@ -102,7 +103,7 @@ class ReAct(Detector):
             raise ValueError(f"ReAct max_samples must be >= 1 or None, got {max_samples}")
         # A fixed threshold makes this instance fit-free; the class default stays True.
         self.needs_fit = threshold is None  # type: ignore[misc]
-        super().__init__(name)
+        super().__init__(name or "react")  # not the snake-case default "re_act"
         self.percentile = percentile
         self.temperature = temperature
         self.threshold = threshold

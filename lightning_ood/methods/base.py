@@ -125,7 +125,12 @@ class OODMethod(LightningModule):
         was_training = self.training
         self.eval()
         fit_detectors(
-            self, todo, datamodule.fit_dataloader(), device=self.device, progress=trainer.is_global_zero
+            self,
+            todo,
+            datamodule.fit_dataloader(),
+            device=self.device,
+            progress=trainer.is_global_zero,
+            forward_context=trainer.precision_plugin.forward_context,
         )
         self.train(was_training)
         if use_cache and trainer.is_global_zero:

@@ -6,13 +6,12 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, ModelOutputs
 from lightning_ood.methods.base import OODMethod
-from lightning_ood.methods.optim import configure_optimizers
+from lightning_ood.methods.optim import configure_optimizers, cross_entropy_step
 from lightning_ood.nets.timm_net import TimmNet, create_timm_model
 
 
@@ -75,29 +74,8 @@ class Classifier(OODMethod):
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, targets = batch
-        logits = self.net(images).logits
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        acc = (logits.argmax(dim=1) == targets).float().mean()
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
-            batch_size=len(targets),
-        )
-        self.log(
-            f"{stage}/acc",
-            acc,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=len(targets),
-        )
-        return loss
+        logits = self.forward_outputs(images).logits
+        return cross_entropy_step(self, logits, targets, stage, self.hparams.label_smoothing)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
@@ -106,6 +84,4 @@ class Classifier(OODMethod):
         self._shared_step(batch, "val")
 
     def configure_optimizers(self) -> Any:
-        return configure_optimizers(
-            self.parameters(), self.optimizer, self.scheduler, self.hparams.scheduler_interval
-        )
+        return configure_optimizers(self, self.optimizer, self.scheduler, self.hparams.scheduler_interval)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -19,11 +22,14 @@ def fit_detectors(
     *,
     device: torch.device,
     progress: bool = True,
+    forward_context: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> None:
     """Fit ``detectors`` in ONE streaming pass of ``model`` over ``loader`` (``(images, targets)`` batches).
 
     Runs with gradients off but outside inference mode, so the fitted buffers are ordinary tensors that can be
-    saved and loaded later. Each detector's ``finalize`` sums its statistics across ranks under DDP.
+    saved and loaded later. ``forward_context`` wraps each forward pass (the trainer's precision context, so
+    training statistics come from the same precision as the test step's features). Each detector's
+    ``finalize`` sums its statistics across ranks under DDP.
     """
     for det in detectors:
         det.reset()
@@ -36,12 +42,15 @@ def fit_detectors(
         disable=not progress,
         leave=False,
         dynamic_ncols=True,
+        # off a terminal (log files, SLURM) a line every 30 s rather than a flood of carriage returns
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     with torch.inference_mode(False), torch.no_grad():
         for images, targets in bar:
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            out = model.forward_outputs(images)
+            with forward_context():
+                out = model.forward_outputs(images)
             batch = DetectorInputs.from_outputs(out, head=model.head, inputs=images, model=model)
             for det in detectors:
                 det.update(batch, targets)

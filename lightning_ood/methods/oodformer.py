@@ -29,8 +29,8 @@ from lightning_ood.detectors.class_mean import ClassMeanCosine, ClassMeanEuclide
 from lightning_ood.detectors.logits import MSP
 from lightning_ood.detectors.mahalanobis import Mahalanobis
 from lightning_ood.methods.base import OODMethod
-from lightning_ood.methods.optim import configure_optimizers
-from lightning_ood.methods.schedules import WarmupOneCycleLR, with_total_steps
+from lightning_ood.methods.optim import configure_optimizers, cross_entropy_step
+from lightning_ood.methods.schedules import WarmupOneCycleLR
 from lightning_ood.nets.timm_net import create_timm_model
 from lightning_ood.nets.vit import ViTNet
 
@@ -165,29 +165,7 @@ class OODformer(OODMethod):
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, targets = batch
-        logits = self.forward_outputs(images).logits
-        loss = F.cross_entropy(logits, targets)
-        acc = (logits.argmax(dim=1) == targets).float().mean()
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=not on_step,
-            batch_size=len(targets),
-        )
-        self.log(
-            f"{stage}/acc",
-            acc,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=len(targets),
-        )
-        return loss
+        return cross_entropy_step(self, self.forward_outputs(images).logits, targets, stage)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
@@ -195,22 +173,5 @@ class OODformer(OODMethod):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def _schedule_length(self) -> int | float:
-        """The scheduler's length in its own unit: optimiser steps, or epochs for ``scheduler_interval: epoch``."""
-        if self.hparams.scheduler_interval == "epoch":
-            epochs = self.trainer.max_epochs
-            if epochs is None or epochs < 1:
-                raise ValueError("set trainer.max_epochs or model.scheduler.init_args.total_steps (epochs)")
-            return epochs
-        steps = self.trainer.estimated_stepping_batches
-        if steps == float("inf"):
-            raise ValueError("set trainer.max_epochs / max_steps or model.scheduler.init_args.total_steps")
-        return steps
-
     def configure_optimizers(self) -> Any:
-        scheduler = (
-            None if self.scheduler is None else with_total_steps(self.scheduler, self._schedule_length)
-        )
-        return configure_optimizers(
-            self.parameters(), self.optimizer, scheduler, self.hparams.scheduler_interval
-        )
+        return configure_optimizers(self, self.optimizer, self.scheduler, self.hparams.scheduler_interval)

@@ -24,7 +24,7 @@ def check_cls_vit(model: nn.Module, key: str = "backbone") -> None:
     OODformer's embedding is the [CLS] token after the encoder's final LayerNorm (Koner et al., BMVC 2021,
     Sec. 3.1). On timm's ``VisionTransformer`` that is ``forward_head(forward_features(x), pre_logits=True)``
     exactly when ``global_pool == "token"``, there is no attention-pooling head and ``fc_norm`` is the identity
-    (``forward_features`` already applies the final ``norm``). Distilled DeiTs (two heads) are not supported.
+    while ``forward_features`` applies the final ``norm``. Distilled DeiTs (two heads) are not supported.
     """
     if not isinstance(model, VisionTransformer):
         raise ValueError(
@@ -39,6 +39,8 @@ def check_cls_vit(model: nn.Module, key: str = "backbone") -> None:
         problems.append(
             f"fc_norm={type(model.fc_norm).__name__} (a norm after pooling, not the final LayerNorm)"
         )
+    if isinstance(model.norm, nn.Identity):
+        problems.append("no final norm in forward_features (final_norm=False)")
     if model.cls_token is None or model.num_prefix_tokens < 1:
         problems.append("no [CLS] token (class_token=False)")
     if problems:
