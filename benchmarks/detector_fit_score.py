@@ -30,9 +30,6 @@ worker that runs past ``--timeout`` is killed and reported as such.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import platform
@@ -44,6 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from memory import rss_mb, settle  # benchmarks/memory.py (run as a script from the repo root)
 from torch import Tensor, nn
 
 from lightning_ood.detectors import (
@@ -85,26 +83,6 @@ ODIN_ROW = "| odin | – | – | skipped: needs a network (own forward/backward 
 
 
 # -- memory --------------------------------------------------------------------------------------------------
-def rss_mb(key: str) -> float:
-    """``VmRSS`` (current) or ``VmHWM`` (peak since the last reset) in MB; else ``ru_maxrss``."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def settle() -> float:
-    """Free what can be freed, reset the peak-RSS counter (Linux >= 4.0) and return the current RSS in MB."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, so they are not reused unseen
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-    return rss_mb("VmRSS")
 
 
 def state_mb(det: Detector) -> float:

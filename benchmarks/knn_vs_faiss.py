@@ -15,16 +15,14 @@ rows are printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import math
-import resource
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
+from memory import reset_peak, rss_mb  # benchmarks/memory.py (run as a script from the repo root)
 
 from lightning_ood.detectors import KNN, DetectorInputs
 
@@ -34,22 +32,6 @@ except ImportError:  # the `bench` extra
     faiss = None
 
 Runner = Callable[[], np.ndarray]
-
-
-def rss_mb(key: str) -> float:
-    """``VmRSS`` (current) or ``VmHWM`` (peak since the last reset) in MB; else ``ru_maxrss``."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak() -> None:
-    """Reset the kernel's peak-RSS counter (Linux >= 4.0); silently a no-op elsewhere."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 def unit_rows(n: int, dim: int, seed: int, block: int = 65536) -> torch.Tensor:
