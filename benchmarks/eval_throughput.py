@@ -50,6 +50,7 @@ def build(args: argparse.Namespace, detectors_arg: str | None, out: str) -> OODC
         "--ood_eval.plots=false",
         "--ood_eval.print_table=false",
         f"--ood_eval.output_dir={out}",
+        f"--trainer.default_root_dir={out}",
         f"--data.init_args.eval_batch_size={args.batch_size}",
         f"--data.init_args.num_workers={args.num_workers}",
     ]
