@@ -73,10 +73,6 @@ class TimmNet(nn.Module):
     def head(self) -> nn.Linear:
         return self.model.get_classifier()
 
-    @property
-    def num_features(self) -> int:
-        return self.head.in_features
-
     def forward_features(self, x: Tensor) -> Tensor:
         """The backbone's unpooled output (``[B, C, h, w]`` for a CNN, ``[B, N, D]`` tokens for a ViT)."""
         return self.model.forward_features(x)
