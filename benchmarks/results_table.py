@@ -9,10 +9,11 @@ Rows: detectors; columns: ID accuracy, then AUROC and FPR95 (both conventions) f
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from lightning_ood.callbacks.results import read_results
 
 
 def _cell(values: list[float], scale: float = 100.0) -> str:
@@ -23,7 +24,7 @@ def _cell(values: list[float], scale: float = 100.0) -> str:
 
 
 def load(paths: list[Path]) -> list[list[dict]]:
-    runs = [json.loads(p.read_text()) for p in paths]
+    runs = [read_results(p)[1] for p in paths]
     if not runs or any(not r for r in runs):
         raise SystemExit(f"no rows in {[str(p) for p in paths]}")
     return runs

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_ood.callbacks.ood_evaluation import OODEvaluation
 from lightning_ood.callbacks.run_dir import run_dir
 from lightning_ood.data import OODDataModule
 from lightning_ood.methods.base import OODMethod
+from lightning_ood.run_info import environment_versions, run_summary
 
 #: The default logger: W&B, offline (no account, no network). Opt in to syncing with ``offline: false``.
 DEFAULT_LOGGER = {
@@ -22,15 +24,19 @@ DEFAULT_LOGGER = {
 }
 
 
-#: Arguments of one entry point only: ``train.py --test_after_fit``, ``evaluate.py --ckpt_path``.
-ENTRY_ONLY_KEYS = ("test_after_fit", "ckpt_path")
+#: Arguments of one entry point only: ``train.py --test_after_fit``, ``evaluate.py --ckpt_path``, the scorer's
+#: ``--images`` / ``--output``.
+ENTRY_ONLY_KEYS = ("test_after_fit", "ckpt_path", "images", "output")
+#: ``checkpoint.monitor`` / ``checkpoint.mode`` value meaning "what the method declares"
+#: (:attr:`OODMethod.checkpoint_monitor`).
+AUTO = "auto"
 
 
 class LoggerSaveConfigCallback(SaveConfigCallback):
     """Saves the full config into the run directory and sends it to every logger (W&B config).
 
     Besides the nested config, the run carries flat ``method``, ``backbone``, ``dataset`` and ``seed`` keys so
-    W&B runs can be grouped and compared on them.
+    W&B runs can be grouped and compared on them, and the ``environment`` (python, torch, ... versions).
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -52,11 +58,7 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                 overwrite=True,
                 multifile=self.multifile,
             )
-            summary = {
-                **getattr(pl_module, "run_config", {}),
-                "dataset": getattr(trainer.datamodule, "dataset_name", ""),
-                "seed": self.config.get("seed_everything"),
-            }
+            summary = {**run_summary(trainer, pl_module), "environment": environment_versions()}
             config = self.config.as_dict()
             config.pop("config", None)  # the paths of the YAML files given, not a setting
             for logger in trainer.loggers:
@@ -92,8 +94,8 @@ class OODCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
+                "checkpoint.monitor": AUTO,
+                "checkpoint.mode": AUTO,
                 "checkpoint.filename": "best-{epoch:03d}",
                 "checkpoint.save_last": True,
             }
@@ -112,6 +114,32 @@ class OODCLI(LightningCLI):
                 default=None,
                 help="Checkpoint to test; leave unset for a frozen pretrained model.",
             )
+        if self.entry == "score":
+            parser.add_argument(
+                "--images", type=str, help="Folder of images to score (searched recursively)."
+            )
+            parser.add_argument(
+                "--output",
+                type=str | None,
+                default=None,
+                help="CSV to write (default: <images>/ood_scores.csv).",
+            )
+
+    def before_instantiate_classes(self) -> None:
+        """``checkpoint.monitor: auto`` / ``checkpoint.mode: auto`` -> what the configured method declares."""
+        config = self.config
+        module_name, _, name = str(config.model.class_path).rpartition(".")
+        method = getattr(importlib.import_module(module_name), name)
+        declared = getattr(method, "checkpoint_monitor", None)
+        if config.checkpoint.monitor == AUTO:
+            config.checkpoint.monitor = declared[0] if declared else None
+        if config.checkpoint.mode == AUTO:
+            follows = declared is not None and config.checkpoint.monitor == declared[0]
+            config.checkpoint.mode = declared[1] if follows else "min"
+        if config.checkpoint.mode not in ("min", "max"):
+            raise ValueError(
+                f"checkpoint.mode must be 'min', 'max' or 'auto', got {config.checkpoint.mode!r}"
+            )
 
 
 def train(args: Sequence[str] | None = None) -> OODCLI:
@@ -119,21 +147,52 @@ def train(args: Sequence[str] | None = None) -> OODCLI:
     cli = OODCLI(entry="train", args=args)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     if cli.config.test_after_fit:
-        ckpt = cli.trainer.checkpoint_callback
-        best = ckpt.best_model_path if isinstance(ckpt, ModelCheckpoint) else ""
-        if not best:
-            rank_zero_warn("No best checkpoint was saved (e.g. fast_dev_run); testing the current weights.")
         cli.trainer.test(
-            cli.model, datamodule=cli.datamodule, ckpt_path="best" if best else None, verbose=False
+            cli.model, datamodule=cli.datamodule, ckpt_path=_checkpoint_to_test(cli.trainer), verbose=False
         )
     return cli
+
+
+def _checkpoint_to_test(trainer: Trainer) -> str | None:
+    """The best checkpoint by ``checkpoint.monitor``; else the last one, or the current weights, saying why."""
+    ckpt = trainer.checkpoint_callback
+    if not isinstance(ckpt, ModelCheckpoint):
+        rank_zero_warn("No ModelCheckpoint callback: testing the current weights.")
+        return None
+    if ckpt.monitor is None and ckpt.last_model_path:
+        rank_zero_info(
+            f"{type(trainer.lightning_module).__name__} declares no validation metric to choose a best checkpoint "
+            f"by: testing the last checkpoint {ckpt.last_model_path}"
+        )
+        return ckpt.last_model_path
+    if ckpt.best_model_path:
+        return ckpt.best_model_path
+    if ckpt.last_model_path:
+        rank_zero_warn(
+            f"No best checkpoint by {ckpt.monitor!r}: the metric was never logged (validation off, e.g. "
+            f"data.val_fraction=0?). Testing the last checkpoint {ckpt.last_model_path}"
+        )
+        return ckpt.last_model_path
+    rank_zero_warn("No checkpoint was saved (e.g. fast_dev_run); testing the current weights.")
+    return None
 
 
 def evaluate(args: Sequence[str] | None = None) -> OODCLI:
     """Test a checkpoint (``--ckpt_path``) or, without one, the model as configured (e.g. frozen pretrained)."""
     cli = OODCLI(entry="evaluate", args=args)
+    check_ready(cli.model, cli.config.ckpt_path)
     cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, verbose=False)
     return cli
+
+
+def check_ready(model: LightningModule, ckpt_path: str | None) -> None:
+    """Refuse to evaluate, without a checkpoint, a method whose weights only training gives (a random head)."""
+    if ckpt_path is None and not getattr(model, "ready_without_training", True):
+        raise ValueError(
+            f"{type(model).__name__} is evaluated without --ckpt_path, but its weights (e.g. its classification "
+            "head) come only from training: pass --ckpt_path, load weights that include the head for exactly "
+            "data.num_classes classes (pretrained / weights_path), or use a method made for frozen encoders."
+        )
 
 
 def main() -> None:  # pragma: no cover - console script

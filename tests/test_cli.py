@@ -1,35 +1,14 @@
 """End to end through the CLI: train then test, evaluate a checkpoint (cached fit), W&B offline, config files."""
 
-import json
 from pathlib import Path
 
 import pytest
+from cli_helpers import FAST, TINY, eval_callback
+from cli_helpers import csv_logger as _csv_logger
 
-from lightning_ood.callbacks import OODEvaluation
+from lightning_ood.callbacks.results import read_results
 from lightning_ood.cli import OODCLI, evaluate, train
 from lightning_ood.metrics import METRIC_KEYS
-
-TINY = ["--data", "configs/data/digits_tiny.yaml", "--model", "configs/model/classifier_tiny.yaml"]
-FAST = [
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--ood_eval.plots=false",
-    "--ood_eval.print_table=false",
-]
-
-
-def _csv_logger(root: Path) -> list[str]:
-    return [
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.save_dir={root}",
-        "--trainer.logger.name=run",
-    ]
-
-
-def _eval_callback(cli: OODCLI) -> OODEvaluation:
-    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, OODEvaluation))
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +21,9 @@ def trained(tmp_path_factory):
 
 def test_train_writes_results_for_every_set_and_detector(trained):
     cli, _ = trained
-    cb = _eval_callback(cli)
+    cb = eval_callback(cli)
     out = cb.output_path
-    rows = json.loads((out / "ood_results.json").read_text())
+    rows = read_results(out / "ood_results.json")[1]
     detectors = set(cli.model.detectors)
     assert {"msp", "max_logit", "energy", "mahalanobis", "knn", "vim"} <= detectors
     sets = {(r["detector"], r["set"]) for r in rows}
@@ -71,11 +50,11 @@ def test_evaluate_matches_and_reuses_cached_detector_fit(trained, tmp_path):
     assert cache.is_file(), "the test after fit caches the fitted detector statistics beside the checkpoint"
     stamp = cache.stat().st_mtime_ns
     # the run's saved config.yaml is a valid evaluate.py config
-    saved = _eval_callback(cli).output_path / "config.yaml"
+    saved = eval_callback(cli).output_path / "config.yaml"
     ev = evaluate(["--config", str(saved), *_csv_logger(tmp_path), f"--ckpt_path={ckpt}"])
     assert cache.stat().st_mtime_ns == stamp  # nothing refitted, nothing rewritten
-    a = {(r["detector"], r["set"]): r for r in _eval_callback(cli).rows}
-    b = {(r["detector"], r["set"]): r for r in _eval_callback(ev).rows}
+    a = {(r["detector"], r["set"]): r for r in eval_callback(cli).rows}
+    b = {(r["detector"], r["set"]): r for r in eval_callback(ev).rows}
     assert a.keys() == b.keys()
     for key in a:
         for metric in METRIC_KEYS:
@@ -92,7 +71,7 @@ def test_evaluate_with_other_detectors_than_trained(trained, tmp_path):
     ev = evaluate(
         [*TINY, *FAST, *_csv_logger(tmp_path), f"--ckpt_path={ckpt}", f"--model.init_args.detectors={dets}"]
     )
-    assert {r["detector"] for r in _eval_callback(ev).rows} == {"maha_class", "knn"}
+    assert {r["detector"] for r in eval_callback(ev).rows} == {"maha_class", "knn"}
 
 
 def test_wandb_offline_run_holds_metrics(tmp_path):
@@ -112,7 +91,7 @@ def test_wandb_offline_run_holds_metrics(tmp_path):
     assert run.config["method"] == "classifier" and run.config["dataset"] == "digits"
     assert run.config["config"]["data"]["init_args"]["image_size"] == 16
     assert "test/gaussian/msp/auroc" in run.summary.keys()  # noqa: SIM118 (Summary has no __contains__)
-    out = _eval_callback(cli).output_path
+    out = eval_callback(cli).output_path
     assert out == tmp_path / "lightning-ood" / run.id and (out / "ood_results.json").is_file()
     assert list(tmp_path.glob("wandb/offline-run-*"))
     run.finish()

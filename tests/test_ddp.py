@@ -1,6 +1,5 @@
 """Distributed evaluation is sample-exact: 2 CPU processes (DDP, gloo) give the metrics of one process."""
 
-import json
 import os
 import subprocess
 import sys
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_ood.callbacks.results import read_results
 from lightning_ood.metrics import METRIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def _run(script: str, args: list[str], tmp: Path) -> None:
 
 
 def _rows(directory: Path) -> dict:
-    rows = json.loads((directory / "ood_results.json").read_text())
+    rows = read_results(directory / "ood_results.json")[1]
     return {(r["detector"], r["set"]): r for r in rows}
 
 

@@ -64,22 +64,40 @@ def test_odin_under_inference_mode_leaves_model_untouched() -> None:
     state = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.inference_mode():
         batch = DetectorInputs(logits=net.forward_outputs(x).logits, inputs=x.clone(), model=net)
-        scores = ODIN()(batch)
+        scores = ODIN(input_std=1.0)(batch)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-7)
     assert not net.training
     assert torch.equal(net.fc.weight.grad, marker)
     assert all(p.grad is None for n, p in net.named_parameters() if n != "fc.weight")
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # BN stats too
     net.train()
-    ODIN()(_batch(net, x))
+    ODIN(input_std=1.0)(_batch(net, x))
     assert net.training
 
 
 def test_odin_contract_and_errors() -> None:
     det = ODIN()
-    assert det.requires == frozenset({"inputs", "model"}) and not det.needs_fit and det.name == "odin"
+    assert (
+        det.requires == frozenset({"logits", "inputs", "model"}) and not det.needs_fit and det.name == "odin"
+    )
     assert "epsilon=0.0014" in repr(det) and "temperature=1000.0" in repr(det)
     with pytest.raises(ValueError, match="input_std"):
         ODIN(input_std=(0.5, 0.0))
     with pytest.raises(ValueError, match="needs `inputs`"):
         det(DetectorInputs(logits=torch.zeros(2, 3)))
+
+
+class _Data:
+    std = (0.25, 0.5, 1.0)
+
+
+def test_odin_takes_the_data_std_unless_set() -> None:
+    """Unset, ``input_std`` is the datamodule's normalisation std (the paper's step in pixel units)."""
+    det = ODIN()
+    with pytest.raises(ValueError, match="input_std is unset"):
+        det.perturb(torch.zeros(1, 3, 8, 8), TinyNet().eval())
+    det.configure(_Data())
+    assert det.input_std == (0.25, 0.5, 1.0)
+    fixed = ODIN(input_std=2.0)
+    fixed.configure(_Data())
+    assert fixed.input_std == 2.0

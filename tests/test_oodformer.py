@@ -12,10 +12,9 @@ from torch.optim.lr_scheduler import OneCycleLR
 from lightning_ood.callbacks.attention_maps import AttentionMaps
 from lightning_ood.callbacks.ood_evaluation import OODEvaluation
 from lightning_ood.cli import OODCLI, train
-from lightning_ood.methods.detector_fit import fit_detectors
 from lightning_ood.methods.oodformer import OODformer
-from lightning_ood.methods.schedules import WarmupOneCycleLR, with_total_steps
 from lightning_ood.nets.vit import ViTNet, attention_probs, attention_rollout, block_attentions
+from lightning_ood.optim.schedules import WarmupOneCycleLR, with_total_steps
 
 torch.set_num_threads(1)
 
@@ -216,13 +215,7 @@ def test_scores_take_the_nearest_class_and_never_read_labels():
     assert set(method.detectors) == DETECTORS
     images = torch.randn(240, 1, 16, 16)
     labels = torch.arange(240) % 3
-    fit_detectors(
-        method,
-        list(method.detectors.values()),
-        [(images[i : i + 64], labels[i : i + 64]) for i in range(0, 240, 64)],
-        device=torch.device("cpu"),
-        progress=False,
-    )
+    method.fit_detectors([(images[i : i + 64], labels[i : i + 64]) for i in range(0, 240, 64)])
     test = torch.randn(16, 1, 16, 16)
     truth = torch.arange(16) % 3
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_ood.callbacks.plots import plot_histograms, plot_roc, save_figure
-from lightning_ood.callbacks.results import COLUMNS, build_rows, write_results
+from lightning_ood.callbacks.results import COLUMNS, build_rows, read_results, write_results
 from lightning_ood.callbacks.score_buffer import ScoreBuffer
 from lightning_ood.metrics import METRIC_KEYS
 
@@ -46,7 +46,8 @@ def test_files_agree(rows, tmp_path):
     paths = write_results(rows, tmp_path / "out")
     assert sorted(p.name for p in paths) == ["ood_results.csv", "ood_results.json", "ood_results.md"]
     loaded = json.loads((tmp_path / "out" / "ood_results.json").read_text())
-    assert loaded == rows
+    assert loaded == {"run": {}, "rows": rows}
+    assert read_results(tmp_path / "out" / "ood_results.json") == ({}, rows)
     with open(tmp_path / "out" / "ood_results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert [r["set"] for r in csv_rows] == [r["set"] for r in rows]

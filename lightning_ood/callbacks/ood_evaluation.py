@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +12,21 @@ from rich.console import Console
 from rich.table import Table
 
 from lightning_ood.callbacks.plots import plot_histograms, plot_roc, save_figure
-from lightning_ood.callbacks.results import COLUMNS, GROUPS, build_rows, write_results
+from lightning_ood.callbacks.results import COLUMNS, build_rows, write_results
 from lightning_ood.callbacks.run_dir import run_dir
 from lightning_ood.callbacks.score_buffer import ScoreBuffer
-from lightning_ood.methods.base import TestStepOutput
+from lightning_ood.contract import MEAN_GROUPS, TestStepOutput
 from lightning_ood.metrics import METRIC_KEYS, ood_metrics
+from lightning_ood.run_info import environment_versions, run_summary
 
-_RESERVED = {"id", *GROUPS}
+_RESERVED = {"id", *MEAN_GROUPS}
 
 
 class OODEvaluation(Callback):
-    """Per OOD set x detector metrics, near / far / all means, result files, plots and W&B reporting.
+    """Per OOD set x score metrics, near / far / all means, result files, plots and W&B reporting.
+
+    The scores are every configured detector's and the method's own (``pl_module.score_names``), all from the
+    test step's one forward pass. ``id_acc`` (and ``test/id/acc``) exist only for methods that classify.
 
     The datamodule supplies ``test_set_names`` (``["id", *ood_sets]``, in ``dataloader_idx`` order) and
     ``test_set_groups`` (``{ood_set: "near" | "far"}``). Scores are gathered exactly across ranks (each sample
@@ -59,7 +62,8 @@ class OODEvaluation(Callback):
                 f"test sets must be ['id', *ood_sets] with no OOD set named {sorted(_RESERVED)}; "
                 f"got {self.set_names}"
             )
-        self.detector_names = list(pl_module.detectors.keys())
+        self.detector_names = list(pl_module.score_names)
+        self.classifies = bool(getattr(pl_module, "classifies", True))
         self.buffers = [ScoreBuffer(len(self.detector_names)).to(pl_module.device) for _ in self.set_names]
 
     def on_test_batch_end(
@@ -82,7 +86,9 @@ class OODEvaluation(Callback):
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         gathered = [buf.compute() for buf in self.buffers]  # synchronised across ranks
         id_scores, id_preds, id_targets = gathered[0]
-        id_acc = (id_preds == id_targets).float().mean().item() if len(id_targets) else float("nan")
+        id_acc: float | None = None
+        if self.classifies:
+            id_acc = (id_preds == id_targets).float().mean().item() if len(id_targets) else float("nan")
         per_set: dict[str, dict[str, dict[str, float]]] = {d: {} for d in self.detector_names}
         for name, (ood_scores, _, _) in zip(self.set_names[1:], gathered[1:], strict=True):
             is_ood = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))])
@@ -90,17 +96,13 @@ class OODEvaluation(Callback):
                 scores = torch.cat([id_scores[:, k], ood_scores[:, k]]).cpu()
                 per_set[det][name] = ood_metrics(scores, is_ood, set_name=f"id vs {name}, detector {det}")
         sizes = {name: len(g[0]) for name, g in zip(self.set_names, gathered, strict=True)}
-        run = {
-            **getattr(pl_module, "run_config", {}),
-            "dataset": getattr(trainer.datamodule, "dataset_name", ""),
-            "seed": os.environ.get("PL_GLOBAL_SEED", ""),
-        }
-        self.rows = build_rows(per_set, sizes, self.groups, len(id_scores), id_acc, run)
+        self.run = run_summary(trainer, pl_module)
+        self.rows = build_rows(per_set, sizes, self.groups, len(id_scores), id_acc, self.run)
         self._log(pl_module, id_acc)
         directory = Path(self.output_dir) if self.output_dir else run_dir(trainer)
         self.output_path = directory
         if trainer.is_global_zero:
-            write_results(self.rows, directory)
+            write_results(self.rows, directory, run={**self.run, "environment": environment_versions()})
             figures = self._plot(directory, id_scores, gathered) if self.plots else {}
             if self.print_table:
                 self._print(id_acc, directory)
@@ -110,8 +112,8 @@ class OODEvaluation(Callback):
         for buf in self.buffers:
             buf.reset()
 
-    def _log(self, pl_module: LightningModule, id_acc: float) -> None:
-        values = {"test/id/acc": id_acc}
+    def _log(self, pl_module: LightningModule, id_acc: float | None) -> None:
+        values = {} if id_acc is None else {"test/id/acc": id_acc}
         for row in self.rows:
             values.update({f"test/{row['set']}/{row['detector']}/{k}": row[k] for k in METRIC_KEYS})
         pl_module.log_dict(values, add_dataloader_idx=False, sync_dist=False)
@@ -130,19 +132,20 @@ class OODEvaluation(Callback):
             )
         return figures
 
-    def _print(self, id_acc: float, directory: Path) -> None:
+    def _print(self, id_acc: float | None, directory: Path) -> None:
         console = Console(width=max(120, 14 * (len(self.set_names) + 4)))
-        console.print(f"\n[bold]ID accuracy[/bold]: {id_acc:.4f}    results: {directory}/ood_results.md")
+        acc = "- (the method does not classify)" if id_acc is None else f"{id_acc:.4f}"
+        console.print(f"\n[bold]ID accuracy[/bold]: {acc}    results: {directory}/ood_results.md")
         columns = [
             *self.set_names[1:],
-            *[g for g in GROUPS if any(r["set"] == g and r["kind"] == "mean" for r in self.rows)],
+            *[g for g in MEAN_GROUPS if any(r["set"] == g and r["kind"] == "mean" for r in self.rows)],
         ]
         for metric, title in (
             ("auroc", "AUROC (higher is better)"),
             ("fpr95_idpos", "FPR@95%TPR, ID positive (lower is better)"),
         ):
             table = Table(title=title, title_justify="left")
-            table.add_column("detector")
+            table.add_column("score")
             for col in columns:
                 table.add_column(col, justify="right")
             for det in self.detector_names:

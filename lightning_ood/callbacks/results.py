@@ -11,14 +11,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_ood.contract import MEAN_GROUPS
 from lightning_ood.metrics import METRIC_KEYS
+from lightning_ood.run_info import RUN_KEYS
 
 #: Column order of every result file.
 COLUMNS = (
-    "method",
-    "backbone",
-    "dataset",
-    "seed",
+    *RUN_KEYS,
     "detector",
     "set",
     "group",
@@ -28,7 +27,6 @@ COLUMNS = (
     "n_ood",
     "id_acc",
 )
-GROUPS = ("near", "far", "all")
 
 
 def build_rows(
@@ -36,16 +34,17 @@ def build_rows(
     sizes: Mapping[str, int],
     groups: Mapping[str, str],
     n_id: int,
-    id_acc: float,
+    id_acc: float | None,
     run: Mapping[str, Any],
 ) -> list[dict[str, Any]]:
     """Flatten ``per_set[detector][set] -> metrics`` into rows, plus near / far / all means per detector.
 
     A ``kind="mean"`` row averages each metric over the sets of its group (``all``: every OOD set) and has
-    ``n_ood`` = the group's total; groups without sets are left out.
+    ``n_ood`` = the group's total; groups without sets are left out. ``detector`` names any score (a
+    configured detector or the method's own); ``id_acc`` is ``None`` for a method that does not classify.
     """
     rows: list[dict[str, Any]] = []
-    base = {k: run.get(k, "") for k in ("method", "backbone", "dataset", "seed")}
+    base = {k: run.get(k, "") for k in RUN_KEYS}
     for detector, sets in per_set.items():
         for name, metrics in sets.items():
             rows.append(
@@ -61,7 +60,7 @@ def build_rows(
                     "id_acc": id_acc,
                 }
             )
-        for group in GROUPS:
+        for group in MEAN_GROUPS:
             members = [s for s in sets if group == "all" or groups[s] == group]
             if not members:
                 continue
@@ -90,6 +89,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4f}"
     return str(value)
@@ -102,15 +103,21 @@ def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(rows: Sequence[Mapping[str, Any]], directory: Path) -> list[Path]:
-    """Write ``ood_results.json``, ``ood_results.csv`` and ``ood_results.md`` into ``directory``."""
+def write_results(
+    rows: Sequence[Mapping[str, Any]], directory: Path, run: Mapping[str, Any] | None = None
+) -> list[Path]:
+    """Write ``ood_results.json``, ``ood_results.csv`` and ``ood_results.md`` into ``directory``.
+
+    The JSON file is ``{"run": run, "rows": rows}``: ``run`` holds what identifies the run (method, backbone,
+    dataset, seed) and the environment's versions; the CSV and Markdown files hold the rows.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     outputs = {
-        "ood_results.json": json.dumps(list(rows), indent=2) + "\n",
+        "ood_results.json": json.dumps({"run": dict(run or {}), "rows": list(rows)}, indent=2) + "\n",
         "ood_results.csv": buf.getvalue(),
         "ood_results.md": to_markdown(rows),
     }
@@ -119,3 +126,11 @@ def write_results(rows: Sequence[Mapping[str, Any]], directory: Path) -> list[Pa
         _atomic_write(directory / name, text)
         paths.append(directory / name)
     return paths
+
+
+def read_results(path: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(run, rows)`` of an ``ood_results.json`` (a bare list of rows, the 0.1 format, gives ``run = {}``)."""
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, list):
+        return {}, data
+    return data["run"], data["rows"]

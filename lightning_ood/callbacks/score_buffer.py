@@ -12,6 +12,8 @@ class ScoreBuffer(Metric):
     """Concatenating buffer for one test set (``dist_reduce_fx="cat"``: every rank's samples, once each).
 
     ``update(scores [B, K], preds [B], targets [B])``; ``compute()`` returns the three tensors over all ranks.
+    Scores are kept in float64 all the way to the metrics. A method that does not classify passes ``preds=None``
+    (stored as ``-1``).
     An empty ``[0, K]`` entry is stored at construction so a rank that saw no batch of this set still takes part
     in the gather instead of hanging it.
     """
@@ -28,7 +30,7 @@ class ScoreBuffer(Metric):
         self._seed_empty()
 
     def _seed_empty(self) -> None:
-        self.scores.append(torch.empty(0, self.num_detectors, dtype=torch.float32, device=self.device))
+        self.scores.append(torch.empty(0, self.num_detectors, dtype=torch.float64, device=self.device))
         self.preds.append(torch.empty(0, dtype=torch.long, device=self.device))
         self.targets.append(torch.empty(0, dtype=torch.long, device=self.device))
 
@@ -36,9 +38,9 @@ class ScoreBuffer(Metric):
         super().reset()
         self._seed_empty()
 
-    def update(self, scores: Tensor, preds: Tensor, targets: Tensor) -> None:
-        self.scores.append(scores.detach().float())
-        self.preds.append(preds.detach().long())
+    def update(self, scores: Tensor, preds: Tensor | None, targets: Tensor) -> None:
+        self.scores.append(scores.detach().to(torch.float64))
+        self.preds.append(torch.full_like(targets, -1).long() if preds is None else preds.detach().long())
         self.targets.append(targets.detach().long())
 
     def compute(self) -> tuple[Tensor, Tensor, Tensor]:

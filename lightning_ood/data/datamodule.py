@@ -9,10 +9,12 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from lightning_ood.contract import ID_KEY, OUTLIER_KEY
 from lightning_ood.data.datasets import (
     SOURCES,
     AuxSetSpec,
@@ -26,8 +28,13 @@ from lightning_ood.data.datasets import (
     resolve_split,
     select_classes,
 )
-from lightning_ood.data.samplers import UnpaddedDistributedSampler, distributed_world
+from lightning_ood.data.samplers import (
+    CyclingDistributedSampler,
+    UnpaddedDistributedSampler,
+    distributed_world,
+)
 from lightning_ood.data.sources import RawSet
+from lightning_ood.data.sources_torchvision import imagefolder
 from lightning_ood.data.transforms import NormalizeCollate, default_augmentation
 
 Augment = Callable[[Tensor], Tensor] | None
@@ -38,12 +45,15 @@ class OODDataModule(LightningDataModule):
 
     Batches are ``(images, targets)``: images float ``[B, C, S, S]`` normalised with ``mean``/``std``; targets
     long ``[B]``, the ID class index, or ``-1`` for every OOD and auxiliary sample. ``__init__`` does no I/O;
-    ``prepare_data`` downloads (only when ``download``); ``setup`` builds every set once.
+    ``prepare_data`` downloads (only when ``download``); ``setup`` builds every set once. For a method that
+    trains with outliers (``uses_outliers``), training batches are ``{"id": (images, targets), "outliers":
+    (images, -1)}`` (Lightning's ``CombinedLoader``): the ID loader defines the epoch and the outlier set cycles
+    in fresh permutations, sharded over DDP ranks. The outlier set is built only when something asks for it.
 
     Args:
         id_set: the in-distribution source.
         ood_sets: the test OOD sets, in the order of ``test_set_names`` after ``"id"``.
-        aux_set: auxiliary outliers for :meth:`aux_dataloader` (e.g. outlier exposure, heatmap decoders).
+        aux_set: auxiliary outliers for methods that train with them (e.g. outlier exposure, heatmap decoders).
         root: folder for downloaded/local datasets (searched first for Fashion-MNIST).
         download: let ``prepare_data`` download torchvision datasets into ``root`` (needs a network).
         val_fraction: fraction of the ID train split held out for validation, seeded; in [0, 1).
@@ -55,7 +65,10 @@ class OODDataModule(LightningDataModule):
             ``torchvision.transforms.v2`` objects from YAML); ``None``: random crop with padding ``S // 8``
             and horizontal flip; ``[]``: none. They return uint8 (or float in [0, 1]) and must not normalise:
             batches are normalised after them. Evaluation never augments.
+        aux_transforms: augmentation of the auxiliary outliers, as ``train_transforms``; ``None``: the same as
+            ``train_transforms``.
         batch_size: training batch size; eval_batch_size: for val/test/fit loaders (``None``: ``batch_size``).
+        aux_batch_size: outliers per training batch (``None``: ``batch_size``).
         num_workers: DataLoader workers per loader.
         seed: seeds the ID train/val split, every limit subset and the shuffling order.
     """
@@ -76,18 +89,27 @@ class OODDataModule(LightningDataModule):
         mean: float | list[float] = 0.5,
         std: float | list[float] = 0.5,
         train_transforms: list[nn.Module] | None = None,
+        aux_transforms: list[nn.Module] | None = None,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
+        aux_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["train_transforms"])  # modules; the CLI's config keeps them
+        self.save_hyperparameters(
+            ignore=["train_transforms", "aux_transforms"]
+        )  # modules; the config keeps them
         self.id_set, self.ood_sets, self.aux_set = id_set, list(ood_sets or []), aux_set
         self.root, self.download, self.val_fraction, self.seed = root, download, val_fraction, seed
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers, self.augmentation = num_workers, train_transforms
+        self.aux_batch_size = aux_batch_size or batch_size
+        self.num_workers, self.augmentation, self.aux_augmentation = (
+            num_workers,
+            train_transforms,
+            aux_transforms,
+        )
         native = SOURCES[id_set.source]
         self._num_classes = id_set.class_count
         self._channels = self._native(channels, native.channels, "channels")
@@ -98,13 +120,19 @@ class OODDataModule(LightningDataModule):
         self._check_other_sets()
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        for key, value in [*((f"{k}_limit", v) for k, v in self.limits.items()), ("batch_size", batch_size)]:
+        sizes = [
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("aux_batch_size", aux_batch_size),
+        ]
+        for key, value in [*((f"{k}_limit", v) for k, v in self.limits.items()), *sizes]:
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be a positive integer or null, got {value}")
         self._splits: dict[str, ImageDataset] = {}  # train, val, fit (train, not augmented), aux
         self._test_sets: dict[str, ImageDataset] = {}  # keyed by test_set_names
         self._class_names: list[str] | None = None
         self._collate = NormalizeCollate(self._mean, self._std)
+        self._predict: tuple[list[Path], ImageDataset] | None = None
 
     # ----------------------------------------------------------------------------------- config checks
     def _native(self, value: int | None, native: int | None, key: str) -> int:
@@ -232,8 +260,6 @@ class OODDataModule(LightningDataModule):
         test_sets = {"id": self._dataset(raw, idx[test_rows], labels[test_rows])}
         for spec in self.ood_sets:
             test_sets[spec.name] = self._outliers(spec, f"ood/{spec.name}", None, cache)
-        if self.aux_set is not None:
-            self._splits["aux"] = self._outliers(self.aux_set, "aux", augment, cache)
         empty = [
             name for name, d in [*self._splits.items(), *test_sets.items()] if len(d) == 0 and name != "val"
         ]
@@ -265,9 +291,27 @@ class OODDataModule(LightningDataModule):
         images = make_images(raw, idx, self._channels, self._image_size)
         return ImageDataset(images, torch.from_numpy(targets).long(), augment)
 
-    def _augmentation(self) -> Augment:
-        steps = default_augmentation(self._image_size) if self.augmentation is None else self.augmentation
+    def _augmentation(self, steps: list[nn.Module] | None = None) -> Augment:
+        steps = steps if steps is not None else self.augmentation
+        steps = default_augmentation(self._image_size) if steps is None else steps
         return v2.Compose(list(steps)) if steps else None
+
+    def _build_aux(self) -> ImageDataset:
+        """The auxiliary outliers, built on first use (a method that trains without them never pays for them)."""
+        if "aux" not in self._splits:
+            if self.aux_set is None:
+                raise RuntimeError(
+                    "auxiliary outliers were asked for, but the data config has no aux_set: set "
+                    "data.init_args.aux_set (e.g. {source: aux_photos}); it must be disjoint from every test set"
+                )
+            augment = self._augmentation(self.aux_augmentation)
+            self._splits["aux"] = self._outliers(self.aux_set, "aux", augment, {})
+            if len(self._splits["aux"]) == 0:
+                raise ValueError("aux_set has no images after class selection and limit")
+            rank_zero_info(
+                f"OODDataModule: {len(self._splits['aux'])} auxiliary outliers ({self.aux_set.source})"
+            )
+        return self._splits["aux"]
 
     def summary(self) -> str:
         """A plain-text table of every set: name, group, source, split and size (after ``setup``)."""
@@ -276,7 +320,7 @@ class OODDataModule(LightningDataModule):
             dataset = self._test_sets["id"] if part == "test" else self._splits[part]
             rows.append((f"id/{part}", "id", self.dataset_name, split, str(len(dataset))))
         others = [(s.name, s.group, s, self._test_sets[s.name]) for s in self.ood_sets]
-        if self.aux_set is not None:
+        if "aux" in self._splits:
             others.append(("aux", "aux", self.aux_set, self._splits["aux"]))
         for name, group, spec, dataset in others:
             split = resolve_split(spec.source, spec.split, name)
@@ -294,14 +338,10 @@ class OODDataModule(LightningDataModule):
 
     # ----------------------------------------------------------------------------------- loaders
     def _dataset_for(self, key: str) -> ImageDataset:
-        """A built ID split or the aux set; fails before ``setup`` or when no aux set is configured."""
+        """A built ID split or the aux set (built on first use); fails before ``setup``."""
         if not self._test_sets:
             raise RuntimeError("call setup() before asking for dataloaders")
-        if key not in self._splits:
-            raise RuntimeError(
-                "aux_dataloader() needs an aux_set in the data config (e.g. source: aux_photos)"
-            )
-        return self._splits[key]
+        return self._build_aux() if key == "aux" else self._splits[key]
 
     def _loader(self, dataset: Dataset, batch_size: int, **kwargs: object) -> DataLoader:
         return DataLoader(
@@ -324,9 +364,28 @@ class OODDataModule(LightningDataModule):
         sampler = UnpaddedDistributedSampler(dataset, num_replicas=world, rank=rank) if world > 1 else None
         return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
 
-    def train_dataloader(self) -> DataLoader:
-        """ID train split, augmented, shuffled (Lightning inserts its DistributedSampler under DDP)."""
-        return self._shuffled(self._dataset_for("train"), "shuffle/train", self.batch_size)
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        """ID train split, augmented, shuffled (Lightning inserts its DistributedSampler under DDP).
+
+        For a method that trains with outliers: ``CombinedLoader({"id": ..., "outliers": ...})`` whose epoch is
+        the ID loader's (see the class docstring).
+        """
+        id_loader = self._shuffled(self._dataset_for("train"), "shuffle/train", self.batch_size)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if not getattr(module, "uses_outliers", False):
+            return id_loader
+        return CombinedLoader({ID_KEY: id_loader, OUTLIER_KEY: self._outlier_loader()}, mode="min_size")
+
+    def _outlier_loader(self) -> DataLoader:
+        """Outliers for as many training batches per rank as the ID loader gives (it cycles the aux set)."""
+        rank, world = distributed_world()
+        id_per_rank = -(-len(self._dataset_for("train")) // world)  # DistributedSampler pads to ceil(n / W)
+        batches = -(-id_per_rank // self.batch_size)
+        seed = int(derived_rng(self.seed, "shuffle/outliers").integers(2**31))
+        sampler = CyclingDistributedSampler(
+            self._dataset_for("aux"), batches * self.aux_batch_size, num_replicas=world, rank=rank, seed=seed
+        )
+        return self._loader(self._dataset_for("aux"), self.aux_batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """ID validation split, not augmented; ``[]`` when ``val_fraction`` is 0."""
@@ -345,11 +404,53 @@ class OODDataModule(LightningDataModule):
     def aux_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Auxiliary outliers (targets ``-1``), augmented, shuffled, a different order on every DDP rank.
 
-        Not a Lightning hook: a method that trains with outliers iterates it next to the train loader, with
-        ``batch_size`` (default: the training ``batch_size``) per step.
+        Methods get outliers through :meth:`train_dataloader` (``uses_outliers``); this loader is for work outside
+        the training loop (e.g. precomputing targets for the outliers), with ``batch_size`` (default:
+        ``aux_batch_size``) per step.
         """
         rank, _ = distributed_world()
-        return self._shuffled(self._dataset_for("aux"), f"shuffle/aux/{rank}", batch_size or self.batch_size)
+        return self._shuffled(
+            self._dataset_for("aux"), f"shuffle/aux/{rank}", batch_size or self.aux_batch_size
+        )
+
+    def fit_fingerprint(self) -> dict[str, object]:
+        """Everything that decides the detector-fit images and how they look (the fit cache's key): the ID
+        source, classes and options, split seed, ``val_fraction``, ``train_limit``, image size, channels and
+        normalisation. Evaluation never augments, so no transform enters."""
+        return {
+            "id_set": repr(self.id_set),
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "train_limit": self.limits["train"],
+            "image_size": self._image_size,
+            "channels": self._channels,
+            "mean": self._mean,
+            "std": self._std,
+        }
+
+    # ----------------------------------------------------------------------------------- scoring a folder
+    def set_predict_images(self, path: str | Path) -> list[Path]:
+        """Serve every image under ``path`` (recursively, sorted) from :meth:`predict_dataloader`, converted and
+        normalised like the test sets; each batch's targets are the images' row indices into the returned list."""
+        raw = imagefolder(str(path), root=self.root)
+        files = list(raw.images)
+        idx = np.arange(len(files))
+        images = make_images(raw, idx, self._channels, self._image_size)
+        self._predict = (files, ImageDataset(images, torch.from_numpy(idx).long()))
+        return files
+
+    @property
+    def predict_paths(self) -> list[Path]:
+        """The files :meth:`predict_dataloader` serves, in row-index order."""
+        if self._predict is None:
+            raise RuntimeError("call set_predict_images(path) first")
+        return self._predict[0]
+
+    def predict_dataloader(self) -> DataLoader:
+        """The images given to :meth:`set_predict_images`, not augmented, each scored exactly once under DDP."""
+        if self._predict is None:
+            raise RuntimeError("call set_predict_images(path) before asking for the predict dataloader")
+        return self._unpadded(self._predict[1])
 
 
 def _overlap(a: IDSetSpec | OODSetSpec | AuxSetSpec, b: IDSetSpec | OODSetSpec | AuxSetSpec) -> bool:

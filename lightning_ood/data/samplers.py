@@ -1,11 +1,15 @@
-"""Samplers for sample-exact distributed evaluation (design contract 1.5)."""
+"""Samplers: sample-exact distributed evaluation (design contract 1.5), and outliers cycled beside ID data."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
 
-import torch.distributed as dist
+import torch
 from torch.utils.data import DistributedSampler
+
+from lightning_ood.distributed import distributed_world
+
+__all__ = ["CyclingDistributedSampler", "UnpaddedDistributedSampler", "distributed_world"]
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -28,8 +32,31 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
-def distributed_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the initialised default process group, ``(0, 1)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+class CyclingDistributedSampler(DistributedSampler):
+    """Draws ``num_samples`` indices per rank from a dataset cycled in fresh seeded permutations.
+
+    For auxiliary outliers next to the ID training data: the ID loader defines the epoch, and the outlier set,
+    smaller or larger, is repeated (each pass a new permutation) or cut so that every rank gets exactly
+    ``num_samples`` of them. The global stream of indices is the same on every rank; rank ``r`` of ``W`` takes
+    positions ``r, r + W, ...``, so ranks see disjoint draws. ``set_epoch`` (called by Lightning) changes the
+    permutations. A ``DistributedSampler`` subclass so that Lightning keeps it under DDP.
+    """
+
+    def __init__(
+        self, dataset: Sized, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0
+    ) -> None:
+        if len(dataset) == 0:
+            raise ValueError("CyclingDistributedSampler needs a non-empty dataset")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)  # type: ignore[arg-type]
+        self.num_samples = num_samples
+        self.total_size = num_samples * num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.dataset)  # type: ignore[arg-type]
+        passes = -(-self.total_size // n)
+        stream = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])[: self.total_size]
+        return iter(stream[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

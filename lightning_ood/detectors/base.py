@@ -8,71 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, fields
-from typing import ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-#: Everything a detector may ask for. ``head`` is the network's final linear layer, ``model`` a callable
-#: ``inputs -> ModelOutputs`` (for detectors that run their own forward/backward pass, such as ODIN).
-CONSUMABLES = frozenset({"logits", "features", "head", "inputs", "model"})
+# Re-exported: detectors import the contract types and collectives from here.
+from lightning_ood.contract import CONSUMABLES, DetectorInputs, ModelOutputs, ScoringModel
+from lightning_ood.distributed import all_gather_cat, all_reduce_max, all_reduce_sum
 
-
-class ModelOutputs(NamedTuple):
-    """One forward pass of a method's network.
-
-    Attributes:
-        logits: ``[B, C]`` class logits.
-        features: ``[B, D]`` the representation the feature-based detectors use (penultimate pooled features for
-            a CNN, the [CLS] embedding after the final LayerNorm for a ViT), or ``None``.
-    """
-
-    logits: Tensor
-    features: Tensor | None = None
-
-
-@runtime_checkable
-class ScoringModel(Protocol):
-    """What a method exposes to detectors that need more than one forward pass's outputs."""
-
-    def forward_outputs(self, inputs: Tensor) -> ModelOutputs: ...
-
-    @property
-    def head(self) -> nn.Linear | None: ...
-
-
-@dataclass(frozen=True)
-class DetectorInputs:
-    """The inputs of :meth:`Detector.update` and :meth:`Detector.score` for one batch.
-
-    Attributes:
-        logits: ``[B, C]``.
-        features: ``[B, D]`` or ``None``.
-        head: the final ``nn.Linear`` mapping ``features`` to ``logits`` (``W: [C, D]``, ``b: [C]``), or ``None``.
-        inputs: ``[B, ...]`` the (normalised) input images, or ``None``.
-        model: the method, for detectors that run the network themselves, or ``None``.
-    """
-
-    logits: Tensor
-    features: Tensor | None = None
-    head: nn.Linear | None = None
-    inputs: Tensor | None = None
-    model: ScoringModel | None = None
-
-    @classmethod
-    def from_outputs(
-        cls,
-        outputs: ModelOutputs,
-        *,
-        head: nn.Linear | None = None,
-        inputs: Tensor | None = None,
-        model: ScoringModel | None = None,
-    ) -> DetectorInputs:
-        return cls(logits=outputs.logits, features=outputs.features, head=head, inputs=inputs, model=model)
-
-    def available(self) -> frozenset[str]:
-        return frozenset(f.name for f in fields(self) if getattr(self, f.name) is not None)
+__all__ = [
+    "CONSUMABLES",
+    "Detector",
+    "DetectorInputs",
+    "ModelOutputs",
+    "ScoringModel",
+    "all_gather_cat",
+    "all_reduce_max",
+    "all_reduce_sum",
+]
 
 
 def _snake(name: str) -> str:
@@ -126,6 +80,9 @@ class Detector(nn.Module):
                 "that exposes them."
             )
 
+    def configure(self, datamodule: object | None) -> None:
+        """Take settings from the data before scoring (e.g. ODIN's input std); called when testing starts."""
+
     # -- fitting ---------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget accumulated statistics; called before a fit pass."""
@@ -160,7 +117,7 @@ class Detector(nn.Module):
             sl = slice(start, start + step)
             self.update(
                 DetectorInputs(
-                    logits=logits[sl] if logits is not None else torch.empty(0),
+                    logits=logits[sl] if logits is not None else None,
                     features=features[sl] if features is not None else None,
                     head=head,
                 ),
@@ -194,31 +151,3 @@ class Detector(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-
-
-# -- distributed helpers ---------------------------------------------------------------------------------------
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def all_reduce_sum(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over all ranks in place (a no-op outside distributed runs); returns it."""
-    if _distributed() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_max(tensor: Tensor) -> Tensor:
-    """Element-wise max of ``tensor`` over all ranks, in place (no-op outside distributed runs)."""
-    if _distributed() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tensor
-
-
-def all_gather_cat(tensor: Tensor) -> Tensor:
-    """Concatenate ``tensor`` (``[n_rank, ...]``, sizes may differ per rank) over all ranks along dim 0."""
-    if _distributed() and torch.distributed.get_world_size() > 1:
-        from torchmetrics.utilities.distributed import gather_all_tensors
-
-        return torch.cat(gather_all_tensors(tensor), dim=0)
-    return tensor

@@ -1,8 +1,9 @@
-"""One LightningModule per OOD method."""
+"""One LightningModule per OOD method, and the bases they share."""
 
-from lightning_ood.methods.base import OODMethod, TestStepOutput
+from lightning_ood.contract import TestStepOutput
+from lightning_ood.methods.base import OODMethod
 from lightning_ood.methods.classifier import Classifier
 from lightning_ood.methods.oodformer import OODformer
-from lightning_ood.methods.schedules import WarmupOneCycleLR
+from lightning_ood.methods.supervised import SupervisedMethod
 
-__all__ = ["Classifier", "OODMethod", "OODformer", "TestStepOutput", "WarmupOneCycleLR"]
+__all__ = ["Classifier", "OODMethod", "OODformer", "SupervisedMethod", "TestStepOutput"]

@@ -1,33 +1,30 @@
-"""What every lightning-ood method shares: detectors scored from one forward pass, and their fit pass."""
+"""``OODMethod``: the contract every lightning-ood method fits (design contract 1.9).
+
+A method is a LightningModule that runs its network once per test batch (:meth:`OODMethod.forward_outputs`)
+and hands the outputs to every configured detector and to its own scores (:meth:`OODMethod.native_scores`).
+It may classify or not, may train with auxiliary outliers, may hold heavy frozen sub-models, and says what
+its best checkpoint is chosen by. Detectors and frozen sub-models are not training state: they are not in the
+optimiser and not in the method's checkpoints.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
+import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_ood.detectors.base import CONSUMABLES, Detector, DetectorInputs, ModelOutputs
+from lightning_ood.contract import CONSUMABLES, DetectorInputs, ModelOutputs, TestStepOutput
+from lightning_ood.detectors.base import Detector
 from lightning_ood.detectors.defaults import default_detectors
-from lightning_ood.methods.detector_fit import fit_detectors, load_cached, save_cache
-
-
-class TestStepOutput(NamedTuple):
-    """What a method's ``test_step`` returns (read by :class:`~lightning_ood.callbacks.OODEvaluation`).
-
-    Attributes:
-        scores: detector name -> ``[B]`` OOD scores (higher = more OOD), all from one forward pass.
-        preds: ``[B]`` predicted class indices.
-        targets: ``[B]`` ground-truth class indices (``-1`` for OOD samples).
-    """
-
-    scores: dict[str, Tensor]
-    preds: Tensor
-    targets: Tensor
-
+from lightning_ood.detectors.fitting import cache_key, fit_detectors, load_cached, save_cache
+from lightning_ood.frozen import file_sha256, freeze
+from lightning_ood.precision import full_precision, promote_head, promote_outputs
 
 _NAME = re.compile(r"^[a-z0-9_]+$")
 
@@ -35,22 +32,98 @@ _NAME = re.compile(r"^[a-z0-9_]+$")
 class OODMethod(LightningModule):
     """Base LightningModule of an OOD method.
 
-    A subclass builds its network, calls :meth:`init_detectors` at the end of ``__init__`` and implements
-    :meth:`forward_outputs` (one forward pass -> logits and features) and :attr:`head`. The test step then runs
-    the network once per batch and scores it with every configured detector. Detectors that need ID statistics
-    are fitted in one streaming pass over the datamodule's ``fit_dataloader()`` when testing starts; when
-    testing a checkpoint the fitted statistics are cached beside it (``<ckpt>.detectors.pt``) so a second
-    evaluation does not refit.
+    A subclass calls ``super().__init__()``, builds its network, and calls :meth:`init_detectors` at the end of
+    its ``__init__``. It implements :meth:`forward_outputs` (one forward pass -> :class:`ModelOutputs`) and,
+    where it applies, :attr:`head`, :attr:`classifies`, :attr:`native_score_names` / :meth:`native_scores`,
+    ``training_step`` / ``validation_step``. The base class provides the test and predict steps (every detector
+    and native score from the one forward pass), the detector fit pass over the ID training set with its cache
+    beside the tested checkpoint, frozen sub-models, and the optimiser from injected callables.
+
+    Class attributes a method sets:
+        method_name: short name in result tables and experiment tracking.
+        checkpoint_monitor: ``(logged key, "min" | "max")`` the best checkpoint is chosen by (the CLI's
+            ``checkpoint.monitor: auto`` follows it); ``None``: no validation metric, the last checkpoint is
+            tested.
+        uses_outliers: training batches are ``{"id": (images, targets), "outliers": (images, -1)}`` with
+            auxiliary outliers from the datamodule's ``aux_set`` (sharded under DDP); otherwise ``(images,
+            targets)`` and the outlier set is never built.
     """
 
-    #: Short method name used in result tables and experiment tracking.
     method_name: ClassVar[str] = "method"
+    checkpoint_monitor: ClassVar[tuple[str, str] | None] = ("val/acc", "max")
+    uses_outliers: ClassVar[bool] = False
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._unsaved: list[str] = []  # child modules left out of state_dict (detectors, frozen sub-models)
+        self._frozen: dict[str, dict[str, str]] = {}  # frozen child -> {"path", "sha256"} ({} without a file)
+        self.detector_cache = True
+        self.register_state_dict_post_hook(_drop_unsaved)
+        self.register_load_state_dict_pre_hook(_keep_unsaved)
+
+    # -- what subclasses provide ---------------------------------------------------------------------------
+    def forward_outputs(self, x: Tensor) -> ModelOutputs:
+        """One forward pass: ``ModelOutputs(logits [B, C] or None, features [B, D], extras)``."""
+        raise NotImplementedError
+
+    @property
+    def head(self) -> nn.Linear | None:
+        """The final linear layer mapping ``features`` to ``logits``, if the method has one."""
+        return None
+
+    @property
+    def classifies(self) -> bool:
+        """Whether :meth:`forward_outputs` gives class logits. Without them: no logit detectors, no ``id_acc``."""
+        return True
+
+    @property
+    def native_score_names(self) -> tuple[str, ...]:
+        """Names of the method's own scores (:meth:`native_scores`), known at construction."""
+        return ()
+
+    def native_scores(self, outputs: ModelOutputs, inputs: Tensor) -> dict[str, Tensor]:
+        """The method's own ``[B]`` scores (higher = more OOD) from the test step's forward pass.
+
+        ``outputs`` are the pass's outputs promoted to float32 or better; the call runs outside autocast.
+        Must return exactly the keys of :attr:`native_score_names`.
+        """
+        return {}
+
+    @property
+    def ready_without_training(self) -> bool:
+        """Whether the method can be evaluated without a trained checkpoint (a frozen pretrained model)."""
+        return False
+
+    @property
+    def provides(self) -> frozenset[str]:
+        """What detectors may consume from this method (see :data:`~lightning_ood.contract.CONSUMABLES`)."""
+        out = CONSUMABLES
+        if not self.classifies:
+            out -= {"logits"}
+        if self.head is None:
+            out -= {"head"}
+        return out
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        """Method-level facts for result tables and experiment tracking (method, backbone, ...)."""
+        return {"method": self.method_name, "backbone": str(self.hparams.get("backbone", ""))}
+
+    def forward(self, x: Tensor) -> ModelOutputs:
+        return self.forward_outputs(x)
+
+    # -- detectors -------------------------------------------------------------------------------------------
     def init_detectors(self, detectors: Sequence[Detector] | None, detector_cache: bool = True) -> None:
         """Validate and register the detectors (``None``: every detector applicable to this method)."""
         dets = list(detectors) if detectors is not None else default_detectors(self.provides)
-        if not dets:
+        native = list(self.native_score_names)
+        if not dets and not native:
             raise ValueError("model.detectors is empty: configure at least one detector (or leave it unset).")
+        for name in native:
+            if not _NAME.match(name) or native.count(name) > 1:
+                raise ValueError(
+                    f"{type(self).__name__}: native score names must be unique snake_case: {native}"
+                )
         seen: set[str] = set()
         for det in dets:
             if not isinstance(det, Detector):
@@ -61,90 +134,221 @@ class OODMethod(LightningModule):
                 raise ValueError(
                     f"two detectors are named {det.name!r}; give one a distinct `name` in its init_args"
                 )
+            if det.name in native:
+                raise ValueError(
+                    f"detector {det.name!r} ({type(det).__name__}) has the name of {type(self).__name__}'s own "
+                    f"score {det.name!r}; give the detector another `name` in its init_args"
+                )
             seen.add(det.name)
             det.check_applicable(self.provides)
         self.detectors = nn.ModuleDict({d.name: d for d in dets})
+        self._unsaved.append("detectors")
         self.detector_cache = detector_cache
 
-    # -- what subclasses provide ---------------------------------------------------------------------------
-    def forward_outputs(self, x: Tensor) -> ModelOutputs:
-        """One forward pass: ``ModelOutputs(logits [B, C], features [B, D])``."""
-        raise NotImplementedError
-
     @property
-    def head(self) -> nn.Linear | None:
-        """The final linear layer mapping ``features`` to ``logits``, if the method has one."""
-        return None
+    def score_names(self) -> list[str]:
+        """Every score of the test step, in result order: the detectors, then the method's own scores."""
+        return [*self.detectors.keys(), *self.native_score_names]
 
-    @property
-    def provides(self) -> frozenset[str]:
-        """What detectors may consume from this method (see :data:`~lightning_ood.detectors.CONSUMABLES`)."""
-        return CONSUMABLES if self.head is not None else CONSUMABLES - {"head"}
+    def reset_detectors(self) -> None:
+        """Forget fitted statistics (the weights changed: a new checkpoint, or training)."""
+        for det in self.detectors.values():
+            det.reset()
 
-    @property
-    def run_config(self) -> dict[str, Any]:
-        """Method-level facts for result tables and experiment tracking (method, backbone, ...)."""
-        return {"method": self.method_name, "backbone": str(self.hparams.get("backbone", ""))}
+    # -- frozen sub-models -----------------------------------------------------------------------------------
+    def register_frozen(self, name: str, module: nn.Module, source: str | Path | None = None) -> nn.Module:
+        """Hold ``module`` as a frozen sub-model under attribute ``name``; returns it.
 
-    def forward(self, x: Tensor) -> ModelOutputs:
-        return self.forward_outputs(x)
+        Frozen: no gradients and never in the optimiser, always in eval mode (also while the method trains),
+        moved to the device with the method, and left out of the method's checkpoints. ``source``: the file it
+        was loaded from; its path and SHA-256 are written into the method's checkpoints instead, and loading
+        such a checkpoint fails when the file's content has changed since.
+        """
+        self.add_module(name, freeze(module))
+        self._unsaved.append(name)
+        self._frozen[name] = {"path": str(source), "sha256": file_sha256(source)} if source else {}
+        return module
+
+    def train(self, mode: bool = True) -> OODMethod:
+        super().train(mode)
+        for name in self._frozen:
+            getattr(self, name).eval()
+        return self
 
     # -- checkpoints -----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_ood_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["lightning_ood_frozen"] = {k: v for k, v in self._frozen.items() if v}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The detector set is configuration, not training state: evaluating a checkpoint with other detectors
-        # than it was trained with must work. Fitted statistics come from the cache or a fresh fit pass.
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith("detectors.")]:
-            del state[key]
-        state.update({f"detectors.{k}": v for k, v in self.detectors.state_dict().items()})
+        # New weights: statistics fitted for other weights are stale (they come from the cache or a refit).
+        self.reset_detectors()
+        for name, ref in checkpoint.get("lightning_ood_frozen", {}).items():
+            mine = self._frozen.get(name)
+            if mine and mine["sha256"] != ref["sha256"]:
+                raise ValueError(
+                    f"frozen sub-model {name!r}: the checkpoint was trained with {ref['path']} (sha256 "
+                    f"{ref['sha256'][:12]}), but the configured {mine['path']} has sha256 {mine['sha256'][:12]}; "
+                    "point the config at the file the checkpoint was trained with"
+                )
 
-    # -- testing ---------------------------------------------------------------------------------------------
-    def on_test_start(self) -> None:
-        self.fit_detectors()
+    def on_fit_start(self) -> None:
+        self.reset_detectors()  # training changes the weights every fitted statistic was computed from
 
-    def fit_detectors(self) -> None:
-        """Fit every detector that needs it, from the cache when possible, else in one pass over ID train."""
+    # -- the fit pass ----------------------------------------------------------------------------------------
+    def _inputs_from(self, out: ModelOutputs, images: Tensor) -> tuple[DetectorInputs, ModelOutputs]:
+        """What the detectors read from one forward pass, promoted to float32 or better (call outside autocast)."""
+        out = promote_outputs(out)
+        self._check_outputs(out)
+        return DetectorInputs.from_outputs(out, head=promote_head(self.head), inputs=images, model=self), out
+
+    def _check_outputs(self, out: ModelOutputs) -> None:
+        if self.classifies and out.logits is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.forward_outputs gave no logits, but the method classifies"
+            )
+        if not self.classifies and out.logits is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.forward_outputs gave logits, but its `classifies` is False: return "
+                "logits=None, or make `classifies` True"
+            )
+
+    def fit_detectors(self, batches: Iterable | None = None) -> None:
+        """Fit every detector that needs it: from the cache when possible, else in one pass over ID train.
+
+        ``batches``: ``(images, targets)`` batches of the ID training set; default: the datamodule's
+        ``fit_dataloader()``. With a trainer, batches go through Lightning's batch pipeline (precision input
+        conversion, batch-transfer hooks) and the forward pass through its precision context, as test batches
+        do.
+        """
         todo = [d for d in self.detectors.values() if d.needs_fit and not d.fitted]
         if not todo:
             return
-        trainer = self.trainer
-        ckpt = trainer.ckpt_path if self.detector_cache else None
-        # Every rank reads the cache itself: under multi-node DDP the checkpoint folder must be shared.
-        use_cache = bool(ckpt)
-        if use_cache:
-            todo = load_cached(todo, ckpt)
+        trainer = self._trainer
+        ckpt = trainer.ckpt_path if trainer is not None and self.detector_cache else None
+        key = self._cache_key(ckpt) if ckpt else ""
+        if (
+            ckpt
+        ):  # every rank reads the cache itself: under multi-node DDP the checkpoint folder must be shared
+            cached = {d.name for d in todo}
+            todo = load_cached(todo, ckpt, key)
+            cached -= {d.name for d in todo}
+            if cached:
+                rank_zero_info(f"Using the cached fit of {sorted(cached)} from {ckpt}.detectors.pt")
             if not todo:
-                rank_zero_info(f"Loaded fitted detector statistics from the cache beside {ckpt}")
                 return
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "fit_dataloader"):
-            raise RuntimeError(
-                f"detectors {[d.name for d in todo]} need ID training statistics, but the datamodule has no "
-                "fit_dataloader(); use lightning_ood.data.OODDataModule or fit the detectors beforehand."
-            )
+        if batches is None:
+            datamodule = trainer.datamodule if trainer is not None else None
+            if datamodule is None or not hasattr(datamodule, "fit_dataloader"):
+                raise RuntimeError(
+                    f"detectors {[d.name for d in todo]} need ID training statistics, but there is no datamodule "
+                    "with fit_dataloader(); use lightning_ood.data.OODDataModule or pass the batches"
+                )
+            batches = datamodule.fit_dataloader()
         was_training = self.training
         self.eval()
-        fit_detectors(
-            self,
-            todo,
-            datamodule.fit_dataloader(),
-            device=self.device,
-            progress=trainer.is_global_zero,
-            forward_context=trainer.precision_plugin.forward_context,
-        )
+        fit_detectors(todo, batches, self._describe, progress=trainer is None or trainer.is_global_zero)
         self.train(was_training)
-        if use_cache and trainer.is_global_zero:
-            rank_zero_info(f"Cached fitted detector statistics in {save_cache(todo, ckpt)}")
-        trainer.strategy.barrier("lightning_ood_detector_fit")
+        if ckpt and trainer.is_global_zero:
+            rank_zero_info(f"Cached fitted detector statistics in {save_cache(todo, ckpt, key)}")
+        if trainer is not None:
+            trainer.strategy.barrier("lightning_ood_detector_fit")
+
+    def _describe(self, batch: Any) -> tuple[DetectorInputs, Tensor]:
+        trainer = self._trainer
+        if trainer is None:
+            images, targets = (t.to(self.device) for t in batch)
+            return self._inputs_from(self.forward_outputs(images), images)[0], targets
+        batch = trainer.precision_plugin.convert_input(batch)
+        batch = self._on_before_batch_transfer(batch, dataloader_idx=0)
+        images, targets = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        with trainer.precision_plugin.forward_context():
+            out = self.forward_outputs(images)
+        with full_precision(images.device):
+            return self._inputs_from(out, images)[0], targets
+
+    def _cache_key(self, ckpt: str) -> str:
+        datamodule = self.trainer.datamodule
+        data = datamodule.fit_fingerprint() if hasattr(datamodule, "fit_fingerprint") else repr(datamodule)
+        method = {k: v for k, v in self.hparams.items() if k not in ("detectors", "detector_cache")}
+        context = {
+            "data": data,
+            "precision": str(self.trainer.precision),
+            "method": type(self).__qualname__,
+            "hparams": method,
+        }
+        return cache_key(file_sha256(ckpt), context)
+
+    # -- testing and predicting ------------------------------------------------------------------------------
+    def _prepare_scoring(self) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        for det in self.detectors.values():
+            det.configure(datamodule)
+        self.fit_detectors()
+
+    def on_test_start(self) -> None:
+        self._prepare_scoring()
+
+    def on_predict_start(self) -> None:
+        self._prepare_scoring()
+
+    def score_batch(self, images: Tensor, targets: Tensor) -> TestStepOutput:
+        """Every detector and native score of one batch from ONE forward pass, as float64 ``[B]`` tensors.
+
+        The forward pass runs in the caller's precision context; scoring runs outside autocast on outputs
+        promoted to float32 or better, so a ``bf16-mixed`` trainer does not degrade the scores.
+        """
+        out = self.forward_outputs(images)
+        with full_precision(images.device):
+            inputs, out = self._inputs_from(out, images)
+            scores = {name: det(inputs) for name, det in self.detectors.items()}
+            native = self.native_scores(out, images)
+        if set(native) != set(self.native_score_names):
+            raise RuntimeError(
+                f"{type(self).__name__}.native_scores returned {sorted(native)}, but native_score_names is "
+                f"{list(self.native_score_names)}"
+            )
+        scores.update(native)
+        for name, value in scores.items():
+            if value.shape != (len(images),):
+                raise RuntimeError(f"score {name!r} has shape {tuple(value.shape)}, expected [{len(images)}]")
+        scores = {name: value.detach().to(torch.float64) for name, value in scores.items()}
+        preds = out.logits.argmax(dim=1) if out.logits is not None else None
+        return TestStepOutput(scores=scores, preds=preds, targets=targets)
 
     def test_step(
         self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
     ) -> TestStepOutput:
         images, targets = batch
-        out = self.forward_outputs(images)
-        inputs = DetectorInputs.from_outputs(out, head=self.head, inputs=images, model=self)
-        scores = {name: det(inputs).float() for name, det in self.detectors.items()}
-        return TestStepOutput(scores=scores, preds=out.logits.argmax(dim=1), targets=targets)
+        return self.score_batch(images, targets)
 
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> TestStepOutput:
-        return self.test_step(batch, batch_idx, dataloader_idx)
+    def predict_step(
+        self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> TestStepOutput:
+        images, targets = batch
+        return self.score_batch(images, targets)
+
+
+def _unsaved_prefixes(module: OODMethod, prefix: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}{name}." for name in module._unsaved)
+
+
+def _drop_unsaved(module: OODMethod, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """``state_dict`` post-hook: detectors and frozen sub-models are not training state."""
+    prefixes = _unsaved_prefixes(module, prefix)
+    for key in [k for k in state_dict if k.startswith(prefixes)]:
+        del state_dict[key]
+
+
+def _keep_unsaved(module: OODMethod, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: detectors and frozen sub-models keep their own state.
+
+    Entries for them in older checkpoints are ignored, and their current state stands in for the missing ones
+    (so a strict load does not fail on them).
+    """
+    for name in module._unsaved:
+        child_prefix = f"{prefix}{name}."
+        for key in [k for k in state_dict if k.startswith(child_prefix)]:
+            del state_dict[key]
+        for key, value in getattr(module, name).state_dict(keep_vars=True).items():
+            state_dict[child_prefix + key] = value

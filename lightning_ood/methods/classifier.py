@@ -9,13 +9,13 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_ood.detectors.base import Detector, ModelOutputs
-from lightning_ood.methods.base import OODMethod
-from lightning_ood.methods.optim import configure_optimizers, cross_entropy_step
+from lightning_ood.contract import ModelOutputs
+from lightning_ood.detectors.base import Detector
+from lightning_ood.methods.supervised import SupervisedMethod
 from lightning_ood.nets.timm_net import TimmNet, create_timm_model
 
 
-class Classifier(OODMethod):
+class Classifier(SupervisedMethod):
     """Any timm backbone trained with cross-entropy on the ID classes; OOD scores are post-hoc detectors.
 
     Args:
@@ -71,17 +71,3 @@ class Classifier(OODMethod):
 
     def forward_outputs(self, x: Tensor) -> ModelOutputs:
         return self.net(x)
-
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        images, targets = batch
-        logits = self.forward_outputs(images).logits
-        return cross_entropy_step(self, logits, targets, stage, self.hparams.label_smoothing)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def configure_optimizers(self) -> Any:
-        return configure_optimizers(self, self.optimizer, self.scheduler, self.hparams.scheduler_interval)

@@ -24,15 +24,15 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_ood.detectors.base import Detector, ModelOutputs
+from lightning_ood.contract import ModelOutputs
+from lightning_ood.detectors.base import Detector
 from lightning_ood.detectors.class_mean import ClassMeanCosine, ClassMeanEuclidean
 from lightning_ood.detectors.logits import MSP
 from lightning_ood.detectors.mahalanobis import Mahalanobis
-from lightning_ood.methods.base import OODMethod
-from lightning_ood.methods.optim import configure_optimizers, cross_entropy_step
-from lightning_ood.methods.schedules import WarmupOneCycleLR
+from lightning_ood.methods.supervised import SupervisedMethod
 from lightning_ood.nets.timm_net import create_timm_model
 from lightning_ood.nets.vit import ViTNet
+from lightning_ood.optim import WarmupOneCycleLR
 
 
 def oodformer_detectors() -> list[Detector]:
@@ -46,7 +46,7 @@ def oodformer_detectors() -> list[Detector]:
     ]
 
 
-class OODformer(OODMethod):
+class OODformer(SupervisedMethod):
     """A class-token ViT fine-tuned on the ID classes with cross-entropy; OOD scores from its [CLS] embedding.
 
     The paper's recipe (SGD, momentum 0.9, lr 0.01, weight decay 1e-5; :class:`WarmupOneCycleLR` with 500 warm-up
@@ -72,7 +72,7 @@ class OODformer(OODMethod):
             ``drop_path_rate``, ...).
         optimizer: injected; the configs set the paper's SGD (``torch.optim.SGD``'s own defaults otherwise).
         scheduler: injected; ``WarmupOneCycleLR(total_steps=None)`` takes its length from the trainer (see
-            :mod:`lightning_ood.methods.schedules`); ``None``: constant learning rate.
+            :mod:`lightning_ood.optim.schedules`); ``None``: constant learning rate.
         scheduler_interval: ``"step"`` (the paper) or ``"epoch"``; an unset ``total_steps`` then counts steps
             (``trainer.estimated_stepping_batches``) or epochs (``trainer.max_epochs``).
         detectors: scores computed at test time; ``None``: :func:`oodformer_detectors`.
@@ -162,16 +162,3 @@ class OODformer(OODMethod):
                 "built for one patch grid; timm resizes pretrained position embeddings to img_size), or set "
                 "model.resize_input=true to upsample batches on the device"
             )
-
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        images, targets = batch
-        return cross_entropy_step(self, self.forward_outputs(images).logits, targets, stage)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def configure_optimizers(self) -> Any:
-        return configure_optimizers(self, self.optimizer, self.scheduler, self.hparams.scheduler_interval)

@@ -8,7 +8,7 @@ from typing import Any
 import timm
 from torch import Tensor, nn
 
-from lightning_ood.detectors.base import ModelOutputs
+from lightning_ood.contract import ModelOutputs
 
 
 def create_timm_model(
@@ -72,6 +72,11 @@ class TimmNet(nn.Module):
     @property
     def head(self) -> nn.Linear:
         return self.model.get_classifier()
+
+    def head_matches_weights(self, num_classes: int) -> bool:
+        """Whether loading the model's weights kept their classifier: timm keeps it only when the weights were
+        made for ``num_classes`` classes (else it re-initialises the head)."""
+        return getattr(self.model, "pretrained_cfg", {}).get("num_classes") == num_classes
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The backbone's unpooled output (``[B, C, h, w]`` for a CNN, ``[B, N, D]`` tokens for a ViT)."""

@@ -1,15 +1,13 @@
-"""Injected optimiser and scheduler -> Lightning's ``configure_optimizers`` value; the shared supervised step."""
+"""Injected optimiser and scheduler -> Lightning's ``configure_optimizers`` value."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
 
-from lightning_ood.methods.schedules import with_total_steps
+from lightning_ood.optim.schedules import with_total_steps
 
 
 def schedule_length(trainer: Trainer, interval: Literal["epoch", "step"]) -> int | float:
@@ -30,36 +28,21 @@ def configure_optimizers(
     scheduler: LRSchedulerCallable | None,
     interval: Literal["epoch", "step"],
 ) -> Any:
-    """Build the optimiser over ``module``'s parameters and the scheduler (stepped per ``interval``).
+    """Build the optimiser over ``module``'s trainable parameters and the scheduler (stepped per ``interval``).
 
-    A scheduler built with ``total_steps=None`` (e.g. :class:`~lightning_ood.methods.schedules.WarmupOneCycleLR`)
+    A scheduler built with ``total_steps=None`` (e.g. :class:`~lightning_ood.optim.WarmupOneCycleLR`)
     gets the run's length from the trainer; a length set in the config is never replaced.
     """
     if interval not in ("epoch", "step"):
         raise ValueError(f"model.scheduler_interval must be 'epoch' or 'step', got {interval!r}")
-    opt = optimizer(module.parameters())
+    params = [p for p in module.parameters() if p.requires_grad]  # frozen sub-models are not trained
+    if not params:
+        raise ValueError(
+            f"{type(module).__name__} has no trainable parameters to optimise; a method that trains nothing "
+            "is evaluated with evaluate.py, not trained"
+        )
+    opt = optimizer(params)
     if scheduler is None:
         return opt
     build = with_total_steps(scheduler, lambda: schedule_length(module.trainer, interval))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": build(opt), "interval": interval}}
-
-
-def cross_entropy_step(
-    module: LightningModule, logits: Tensor, targets: Tensor, stage: str, label_smoothing: float = 0.0
-) -> Tensor:
-    """Cross-entropy on the ID classes, logging ``<stage>/loss`` and ``<stage>/acc`` (epoch means, synced)."""
-    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-    acc = (logits.argmax(dim=1) == targets).float().mean()
-    on_step = stage == "train"
-    n = len(targets)
-    module.log(
-        f"{stage}/loss",
-        loss,
-        on_step=on_step,
-        on_epoch=True,
-        prog_bar=True,
-        sync_dist=not on_step,
-        batch_size=n,
-    )
-    module.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=n)
-    return loss

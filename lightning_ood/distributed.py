@@ -1,0 +1,52 @@
+"""Collectives that are no-ops outside a distributed run (detector fits, score gathering, samplers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def distributed_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised default process group, ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks in place (a no-op outside distributed runs); returns it."""
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """Element-wise max of ``tensor`` over all ranks, in place (no-op outside distributed runs)."""
+    if _distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_cat(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` (``[n_rank, ...]``, sizes may differ per rank) over all ranks along dim 0."""
+    if _distributed():
+        from torchmetrics.utilities.distributed import gather_all_tensors
+
+        return torch.cat(gather_all_tensors(tensor), dim=0)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` outside distributed runs)."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,64 @@
+"""Heavy frozen sub-models (a classifier from its own checkpoint, a diffusion model) referenced by path and hash.
+
+A method registers such a sub-model with :meth:`~lightning_ood.methods.OODMethod.register_frozen`: its
+parameters are not trained (not in the optimiser), it stays in eval mode when the method trains, Lightning
+moves it to the device with the method, and it is left out of the method's checkpoints, which record its path
+and content hash instead. Loading the method's checkpoint later checks that the file still has that content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's content (hex), computed once per (path, size, mtime) in this process."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{str(p)!r} does not exist or is not a file")
+    st = p.stat()
+    return _sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients and eval mode for every parameter and layer of ``module``; returns it."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def load_method(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Load a lightning-ood method (e.g. a trained ``Classifier``) from its checkpoint, frozen.
+
+    The class comes from the checkpoint (LightningCLI stores it as ``_class_path`` in the hyperparameters, and
+    :class:`~lightning_ood.methods.OODMethod` stores ``lightning_ood_class``), so any method's checkpoint works.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(p)!r} does not exist; point the config at a trained method's .ckpt"
+        )
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    class_path = ckpt.get("lightning_ood_class") or ckpt.get("hyper_parameters", {}).get("_class_path")
+    if not class_path:
+        raise ValueError(f"{str(p)!r} is not a lightning-ood method checkpoint (it names no method class)")
+    module_name, _, name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), name)
+    model = cls.load_from_checkpoint(p, map_location=map_location)
+    return freeze(model)
