@@ -26,6 +26,7 @@ from lightning_ood.data.datasets import (
     resolve_split,
     select_classes,
 )
+from lightning_ood.data.disjoint import check_aux_disjoint
 from lightning_ood.data.samplers import UnpaddedDistributedSampler, distributed_world
 from lightning_ood.data.sources import RawSet
 from lightning_ood.data.transforms import NormalizeCollate, default_augmentation
@@ -234,6 +235,10 @@ class OODDataModule(LightningDataModule):
             test_sets[spec.name] = self._outliers(spec, f"ood/{spec.name}", None, cache)
         if self.aux_set is not None:
             self._splits["aux"] = self._outliers(self.aux_set, "aux", augment, cache)
+            aux_name = f"aux_set ({self.aux_set.source})"
+            check_aux_disjoint(
+                self._splits["aux"].images, {k: d.images for k, d in test_sets.items()}, aux_name
+            )
         empty = [
             name for name, d in [*self._splits.items(), *test_sets.items()] if len(d) == 0 and name != "val"
         ]
