@@ -101,3 +101,17 @@ def test_bad_config_key_is_named(capsys):
     with pytest.raises(SystemExit):
         OODCLI(args=[*TINY, "--model.init_args.no_such_option=1"])
     assert "no_such_option" in capsys.readouterr().err
+
+
+def test_ood_set_on_the_command_line_needs_no_group():
+    sets = "--data.init_args.ood_sets=[{name: x, source: gaussian, options: {size: 16, channels: 1}}]"
+    cli = OODCLI(args=[*TINY, "--trainer.logger=false", sets])
+    assert cli.datamodule.test_set_groups == {"x": "far"}
+
+
+def test_bad_ood_set_on_the_command_line_names_the_set():
+    sets = "--data.init_args.ood_sets=[{name: x, source: gaussian, group: middle}]"
+    with pytest.raises(
+        ValueError, match=r"OOD set 'x'.group: must be one of \['near', 'far'\], got 'middle'"
+    ):
+        OODCLI(args=[*TINY, "--trainer.logger=false", sets])

@@ -143,7 +143,7 @@ def test_bad_configs_name_the_key(kwargs: dict, match: str) -> None:
     [
         (lambda: IDSetSpec("nope"), "unknown source 'nope'; available: aux_photos, cifar10"),
         (lambda: OODSetSpec("x", "nope", "far"), r"OOD set 'x'.source: unknown source.*fashionmnist"),
-        (lambda: OODSetSpec("x", "faces", "middle"), "OOD set 'x': group must be 'near' or 'far'"),
+        (lambda: OODSetSpec("x", "faces", "mid"), r"^OOD set 'x'.group: must be one of \['near', 'far'\], got 'mid'$"),
         (lambda: OODSetSpec("x", "faces", "far", options={"nn": 3}), r"options: 'faces' has no option 'nn'"),
         (lambda: OODSetSpec("x", "gaussian", "far", options={"nn": 3}), r"it takes \['n', 'size'"),
         (lambda: OODSetSpec("x", "fashionmnist", "far", split="all"), r"x'.split: .*\['train', 'test'\]"),
@@ -151,8 +151,8 @@ def test_bad_configs_name_the_key(kwargs: dict, match: str) -> None:
         (lambda: IDSetSpec("digits", classes=[3, 3]), "distinct"),
         (lambda: IDSetSpec("digits", classes=[10]), r"\[0, 10\)"),
         (lambda: IDSetSpec("digits", num_classes=5), "has 10 classes"),
-        (lambda: AuxSetSpec(limit=0), "aux_set.limit"),
-        (lambda: OODSetSpec("id", "faces", "far"), r"OOD set 'id': .*not one of \('id', 'near', 'far', 'all'\)"),
+        (lambda: AuxSetSpec(limit=0), r"^aux_set.limit: must be a positive integer or null, got 0$"),
+        (lambda: OODSetSpec("id", "faces", "far"), r"OOD set 'id'.name: .*not one of \['id', 'near', 'far', 'all'\]"),
         (lambda: OODSetSpec("all", "faces", "far"), "OOD set 'all'"),
         (lambda: OODSetSpec("a/b", "faces", "far"), "without '/'"),
         (lambda: OODSetSpec("x", "digits", "far", classes=[9, 10]), r"x'.classes: 'digits' has 10 classes"),
@@ -161,6 +161,11 @@ def test_bad_configs_name_the_key(kwargs: dict, match: str) -> None:
 def test_bad_specs_name_the_set(make: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         make()  # type: ignore[operator]
+
+
+def test_ood_set_group_defaults_to_far() -> None:
+    assert OODSetSpec("x", "gaussian").group == "far"
+    assert OODSetSpec(name="x", source="faces", group="near").group == "near"
 
 
 # ----------------------------------------------------------------------------------- configs and Lightning

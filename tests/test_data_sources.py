@@ -23,6 +23,7 @@ from lightning_ood.data import (
     OODSetSpec,
     UnpaddedDistributedSampler,
     sources,
+    sources_torchvision,
 )
 from lightning_ood.data import datamodule as datamodule_module
 from lightning_ood.data.datasets import SOURCES
@@ -154,11 +155,72 @@ def test_imagefolder_errors_name_the_path(tmp_path: Path) -> None:
         dm = tiny(ood_sets=[OODSetSpec("x", "imagefolder", "far", options={"path": str(folder)})])
         with pytest.raises(FileNotFoundError, match=f"{folder}.*{match}"):
             dm.setup()
-    (tmp_path / "broken.png").write_bytes(b"not a png")
+
+
+def _folder_with_unreadable_files(folder: Path) -> None:
+    """3 readable images and 3 that are not: empty, not an image, a truncated PNG."""
+    for i in range(3):
+        write_png(folder / f"ok{i}.png", (10, 12))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_bytes(b"not a jpeg")
+    noise = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "cut.png").write_bytes((folder / "noise.png").read_bytes()[:1500])
+    (folder / "noise.png").unlink()
+
+
+def test_imagefolder_unreadable_files_fail_at_setup_listing_them(tmp_path: Path) -> None:
+    _folder_with_unreadable_files(tmp_path)
     dm = tiny(ood_sets=[OODSetSpec("x", "imagefolder", "far", options={"path": str(tmp_path)})])
-    dm.setup()
-    with pytest.raises(OSError, match=r"cannot read image .*broken\.png"):
-        next(iter(dm.test_dataloader()[1]))
+    with pytest.raises(OSError) as err:
+        dm.setup()  # not midway through an evaluation
+    message = str(err.value)
+    assert f"image folder {tmp_path}: 3 of 6 image files cannot be read" in message
+    for name in ("empty.png", "text.jpg", "sub/cut.png"):
+        assert str(tmp_path / name) in message
+    assert "ok0.png" not in message and "skip_unreadable: true" in message
+
+
+def test_imagefolder_unreadable_paths_are_listed_up_to_a_few(tmp_path: Path) -> None:
+    for i in range(8):
+        (tmp_path / f"bad{i}.png").write_bytes(b"")
+    with pytest.raises(OSError, match=r"(?s)8 of 8 image files cannot be read:.*bad4\.png.*\(and 3 more\)"):
+        sources_torchvision.imagefolder(str(tmp_path))
+    write_png(tmp_path / "lab" / "a" / "0.png", (4, 4))
+    (tmp_path / "lab" / "b").mkdir()
+    (tmp_path / "lab" / "b" / "0.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match=r"left out 1 of 2 .*classes left without images: \['b'\]"):
+        raw = sources_torchvision.imagefolder(str(tmp_path / "lab"), skip_unreadable=True)
+    assert raw.class_names == ("a", "b") and raw.labels.tolist() == [0]  # labels keep their meaning
+
+
+def test_imagefolder_skip_unreadable_drops_them_with_a_warning(tmp_path: Path) -> None:
+    _folder_with_unreadable_files(tmp_path / "flat")
+    for cls, n in (("cat", 2), ("dog", 3)):
+        for i in range(n):
+            write_png(tmp_path / "lab" / cls / f"{i}.png", (12, 9))
+    (tmp_path / "lab" / "cat" / "bad.png").write_bytes(b"")
+    options = {"path": str(tmp_path / "flat"), "skip_unreadable": True}
+    dm = OODDataModule(
+        IDSetSpec("imagefolder", num_classes=2, options={"path": "lab", "skip_unreadable": True}),
+        [OODSetSpec("x", "imagefolder", "far", options=options)],
+        root=str(tmp_path),
+        image_size=8,
+        val_fraction=0.0,
+        train_transforms=[],
+        channels=3,
+    )
+    with pytest.warns(UserWarning) as record:
+        dm.setup()
+    messages = [str(w.message) for w in record]
+    assert any("flat: left out 3 of 6 image files that cannot be read" in m for m in messages)
+    assert any("lab: left out 1 of 6" in m and "bad.png" in m for m in messages)
+    assert len(dm.test_dataloader()[1].dataset) == 3  # the set's n_ood: the readable images only
+    images, targets = all_batches(dm.test_dataloader()[1])  # and every one of them is read
+    assert images.shape == (3, 3, 8, 8) and (targets == -1).all()
+    id_targets = torch.cat([all_batches(dl)[1] for dl in (dm.fit_dataloader(), dm.test_dataloader()[0])])
+    assert dm.class_names == ["cat", "dog"] and sorted(id_targets.tolist()) == [0, 0, 1, 1, 1]  # 80/20 split
 
 
 # ----------------------------------------------------------------------------------- transforms and sampler

@@ -28,6 +28,7 @@ from lightning_ood.data.datasets import (
     resolve_split,
     select_classes,
 )
+from lightning_ood.data.disjoint import check_aux_disjoint
 from lightning_ood.data.samplers import (
     CyclingDistributedSampler,
     UnpaddedDistributedSampler,
@@ -305,9 +306,12 @@ class OODDataModule(LightningDataModule):
                     "data.init_args.aux_set (e.g. {source: aux_photos}); it must be disjoint from every test set"
                 )
             augment = self._augmentation(self.aux_augmentation)
-            self._splits["aux"] = self._outliers(self.aux_set, "aux", augment, {})
-            if len(self._splits["aux"]) == 0:
+            aux = self._outliers(self.aux_set, "aux", augment, {})
+            if len(aux) == 0:
                 raise ValueError("aux_set has no images after class selection and limit")
+            tests = {k: d.images for k, d in self._test_sets.items()}
+            check_aux_disjoint(aux.images, tests, f"aux_set ({self.aux_set.source})")
+            self._splits["aux"] = aux
             rank_zero_info(
                 f"OODDataModule: {len(self._splits['aux'])} auxiliary outliers ({self.aux_set.source})"
             )

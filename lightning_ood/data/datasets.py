@@ -144,7 +144,7 @@ class IDSetSpec:
         if classes is not None and (
             not classes or len(set(classes)) != len(classes) or not all(0 <= c < total for c in classes)
         ):
-            raise ValueError(f"id_set.classes must be distinct class indices in [0, {total}), got {classes}")
+            raise ValueError(f"id_set.classes: must be distinct class indices in [0, {total}), got {classes}")
 
     @property
     def class_count(self) -> int:
@@ -158,10 +158,12 @@ class IDSetSpec:
 class OODSetSpec:
     """One named test OOD set; every sample's target is ``-1``.
 
+    Errors name the set and the key, e.g. ``OOD set 'x'.group: must be one of ['near', 'far'], got 'mid'``.
+
     Attributes:
         name: the set's name in ``test_set_names`` and in logged keys; unique, not in :data:`RESERVED_NAMES`.
         source: a name in :data:`SOURCES`.
-        group: ``"near"`` or ``"far"``.
+        group: ``"near"`` or ``"far"`` (default ``"far"``: most sets of a benchmark are far).
         classes: original class indices to keep (e.g. the held-out classes of an open-set split).
         split: ``"train"``, ``"test"`` or ``"all"``; ``None``: ``"test"`` if the source has native splits,
             else ``"all"``.
@@ -171,7 +173,7 @@ class OODSetSpec:
 
     name: str
     source: str
-    group: str
+    group: str = "far"
     classes: list[int] | None = None
     split: str | None = None
     limit: int | None = None
@@ -181,10 +183,11 @@ class OODSetSpec:
         where = f"OOD set {self.name!r}"
         if self.name in RESERVED_NAMES or not self.name or "/" in self.name:
             raise ValueError(
-                f"{where}: a name must be non-empty, without '/', and not one of {RESERVED_NAMES}"
+                f"{where}.name: must be non-empty, without '/' and not one of {list(RESERVED_NAMES)}, "
+                f"got {self.name!r}"
             )
         if self.group not in GROUPS:
-            raise ValueError(f"{where}: group must be 'near' or 'far', got {self.group!r}")
+            raise ValueError(f"{where}.group: must be one of {list(GROUPS)}, got {self.group!r}")
         _check_set(self, where)
 
 
@@ -211,7 +214,7 @@ def _check_set(spec: OODSetSpec | AuxSetSpec, where: str) -> None:
     check_options(spec.source, spec.options, where)
     resolve_split(spec.source, spec.split, where)
     if spec.limit is not None and spec.limit < 1:
-        raise ValueError(f"{where}.limit must be a positive integer or null, got {spec.limit}")
+        raise ValueError(f"{where}.limit: must be a positive integer or null, got {spec.limit}")
     if spec.classes is not None and known is not None and not all(0 <= c < known for c in spec.classes):
         raise ValueError(f"{where}.classes: {spec.source!r} has {known} classes, got {spec.classes}")
 

@@ -45,6 +45,7 @@ AUX_IMAGES = (
     "coins", "moon", "page", "text", "horse", "clock", "retina", "immunohistochemistry", "cell",
     "microaneurysms", "shepp_logan_phantom", "colorwheel", "checkerboard",
 )  # fmt: skip
+_FLAT_REDRAWS = 100
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -167,6 +168,10 @@ def random_crops(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``n`` seeded random square crops of uint8 ``[H, W, C]`` ``images`` (equal C), resized to ``crop_size``.
 
+    A flat crop (one colour everywhere) is drawn again from a generator of its own (``seed``, crop index,
+    attempt), so every other crop is the one the main generator gives: flat crops carry nothing of their
+    image, and a black or white square would equal the flat images of other sets.
+
     Returns:
         uint8 ``[n, crop_size, crop_size, C]`` crops and int64 ``[n]`` indices of the image each came from.
     """
@@ -176,15 +181,28 @@ def random_crops(
     which = rng.integers(len(images), size=n)
     crops = np.empty((n, crop_size, crop_size, images[0].shape[2]), dtype=np.uint8)
     for i, k in enumerate(which):
-        image = images[k]
-        height, width = image.shape[:2]
-        short = min(height, width)
-        side = max(int(rng.uniform(scale[0], scale[1]) * short), min(crop_size, short))
-        top, left = rng.integers(height - side + 1), rng.integers(width - side + 1)
-        patch = image[top : top + side, left : left + side]
-        patch = Image.fromarray(patch[..., 0] if patch.shape[2] == 1 else patch)
-        crops[i] = np.asarray(patch.resize((crop_size, crop_size), Image.BILINEAR)).reshape(crops.shape[1:])
+        crops[i] = _crop(images[k], crop_size, scale, rng)
+        for attempt in range(_FLAT_REDRAWS):  # flat: one colour, nothing of its image (e.g. black sky)
+            if (crops[i] != crops[i, :1, :1]).any():
+                break
+            crops[i] = _crop(images[k], crop_size, scale, np.random.default_rng([seed, i, attempt]))
+        else:
+            raise ValueError(
+                f"image {k} of {len(images)} gave only flat (single-colour) crops in {_FLAT_REDRAWS + 1} "
+                f"draws; raise the crop scale (got {list(scale)}) or leave the image out"
+            )
     return crops, which.astype(np.int64)
+
+
+def _crop(image: np.ndarray, crop_size: int, scale: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """One random square crop of uint8 ``[H, W, C]`` ``image``, resized to ``crop_size``."""
+    height, width = image.shape[:2]
+    short = min(height, width)
+    side = max(int(rng.uniform(scale[0], scale[1]) * short), min(crop_size, short))
+    top, left = rng.integers(height - side + 1), rng.integers(width - side + 1)
+    patch = image[top : top + side, left : left + side]
+    patch = Image.fromarray(patch[..., 0] if patch.shape[2] == 1 else patch)
+    return np.asarray(patch.resize((crop_size, crop_size), Image.BILINEAR)).reshape(crop_size, crop_size, -1)
 
 
 def _crop_source(names: tuple[str, ...]) -> Callable[..., RawSet]:

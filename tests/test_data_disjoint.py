@@ -1,0 +1,94 @@
+"""lightning_ood.data.disjoint: no auxiliary outlier equals an image of a test set, compared by content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import tiny  # tests/data_helpers.py
+from lightning.pytorch.cli import LightningArgumentParser
+from PIL import Image
+
+from lightning_ood.data import AuxSetSpec, OODDataModule, sources
+from lightning_ood.data.disjoint import check_aux_disjoint
+
+CONFIGS = Path(__file__).parents[1] / "configs" / "data"
+
+
+def _images(n: int, seed: int, channels: int = 1, size: int = 8) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=generator)
+
+
+def test_clashes_are_counted_per_test_set_and_every_set_is_named() -> None:
+    aux = torch.cat([_images(6, 0), _images(6, 0)[:1]])  # 7 aux images, the first one twice
+    id_test = torch.cat([_images(4, 1), aux[:2]])
+    photos = torch.cat([aux[2:3], _images(3, 2)]).numpy()  # numpy arrays are accepted too
+    with pytest.raises(ValueError) as err:
+        check_aux_disjoint(aux, {"id": id_test, "photos": photos, "noise": _images(5, 3)})
+    message = str(err.value)
+    assert "3 of the 7 aux images equal images of the ID test set" in message  # the duplicate counts
+    assert "1 of the 7 aux images equal images of OOD set 'photos'" in message
+    assert "noise" not in message
+    with pytest.raises(ValueError, match="1 of the 7 aux images equal images of OOD set 'photos'"):
+        check_aux_disjoint(list(aux), {"photos": list(torch.from_numpy(photos))})  # decoded one at a time
+    check_aux_disjoint(aux, {"noise": _images(5, 3)})  # disjoint: passes
+    check_aux_disjoint(aux.numpy(), {"id": _images(5, 3).numpy()})
+
+
+def test_images_of_another_shape_are_an_error() -> None:
+    with pytest.raises(ValueError, match=r"OOD set 'x'.*\[3, 8, 8\].*aux.*\[1, 8, 8\]"):
+        check_aux_disjoint(_images(2, 0), {"x": _images(2, 0, channels=3)})
+    with pytest.raises(ValueError, match="uint8"):
+        check_aux_disjoint(_images(2, 0).float(), {"x": _images(2, 0)})
+
+
+def _write_grey_pngs(folder: Path, images: torch.Tensor, prefix: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image[0].numpy(), mode="L").save(folder / f"{prefix}{i}.png")
+
+
+def test_an_aux_folder_holding_copies_of_test_images_is_rejected(tmp_path: Path) -> None:
+    dm = tiny()
+    dm.setup()
+    id_test, faces = (dl.dataset.images for dl in dm.test_dataloader()[:2])
+    _write_grey_pngs(tmp_path / "aux", id_test[:3], "id")
+    _write_grey_pngs(tmp_path / "aux", faces[5:7], "faces")
+    _write_grey_pngs(tmp_path / "aux", _images(2, 0), "new")
+    dm = tiny(aux_set=AuxSetSpec("imagefolder", options={"path": str(tmp_path / "aux")}))
+    dm.setup()  # the aux set is built (and checked) when first asked for
+    with pytest.raises(ValueError) as err:
+        dm.aux_dataloader()
+    message = str(err.value)
+    assert message.startswith("aux_set (imagefolder)")
+    assert "3 of the 7 aux images equal images of the ID test set" in message
+    assert "2 of the 7 aux images equal images of OOD set 'faces'" in message
+
+
+def _shipped(name: str, *overrides: str) -> OODDataModule:
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(OODDataModule, "data", subclass_mode=True)
+    config = parser.parse_args(["--data", str(CONFIGS / f"{name}.yaml"), *overrides])
+    return parser.instantiate(config).data
+
+
+def test_shipped_aux_set_is_disjoint_from_every_offline_test_set(fmnist_root: str) -> None:
+    # the offline sets at their full shipped sizes; Fashion-MNIST is the small fake one (its test images are
+    # flat: image i is the constant i, so a flat aux crop would clash with it)
+    for dm in (_shipped("fashionmnist", f"--data.init_args.root={fmnist_root}"), _shipped("digits_tiny")):
+        dm.setup()
+        assert len(dm.aux_dataloader().dataset) in (2000, 64)  # raises on a clash
+
+
+def test_crop_sources_redraw_flat_crops() -> None:
+    images = sources.aux_photos().images.reshape(2000, -1)
+    assert (images.min(axis=1) < images.max(axis=1)).all()  # e.g. the black inside of `horse`
+    half = np.zeros((64, 64, 1), dtype=np.uint8)
+    half[:, 32:] = np.arange(32, dtype=np.uint8)[None, :, None]  # flat on the left, a ramp on the right
+    crops, _ = sources.random_crops([half], 50, crop_size=8, scale=(0.1, 0.2), seed=0)
+    assert all(crop.min() < crop.max() for crop in crops)
+    with pytest.raises(ValueError, match=r"image 0 of 1 .*flat"):
+        sources.random_crops([np.zeros((16, 16, 1), dtype=np.uint8)], 1, crop_size=8, scale=(0.5, 1), seed=0)
