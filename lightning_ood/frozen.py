@@ -20,7 +20,7 @@ from torch import nn
 
 
 @lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
+def _sha256(path: str, stamp: tuple[int, ...]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -29,12 +29,16 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's content (hex), computed once per (path, size, mtime) in this process."""
+    """SHA-256 of a file's content (hex).
+
+    Computed once per version of the file in this process: a rewrite changes the file's ctime (which, unlike
+    its mtime, cannot be set back), so a new content is always hashed anew.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{str(p)!r} does not exist or is not a file")
     st = p.stat()
-    return _sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    return _sha256(str(p.resolve()), (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 def freeze(module: nn.Module) -> nn.Module:
