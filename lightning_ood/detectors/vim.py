@@ -65,12 +65,12 @@ class ViM(MomentDetector):
     Fitting is one streaming pass. The ``[D, D]`` second moment about ``u`` comes from float64 sufficient
     statistics (memory ``O(D^2)``): the scatter about the features' mean ``g`` and ``g - u``, combined without
     cancellation by :func:`residual_basis` (exact also when ``|u|`` dwarfs the spread of the features), and
-    the mean max-logit is a running sum. The mean residual norm is not a function
-    of any fixed-size statistic (the subspace is only known at the end), so to compute ``alpha`` exactly
-    without a second pass over the data each rank **keeps its training features on the CPU in their input
-    dtype** (memory ``O(N * D)``: 4 bytes * N * D for float32, e.g. 0.8 GB for 200k x 1000) and computes
-    the residual norms in :meth:`finalize`; the per-rank sums are then added across ranks, so nothing is
-    gathered. Pass ``alpha`` to fix it instead and store nothing.
+    the mean max-logit is a running sum. The mean residual norm is not a function of any fixed-size
+    statistic (the subspace is only known at the end), so to compute ``alpha`` exactly without a second pass
+    over the data each rank **keeps its training features on the CPU in their input dtype** (memory
+    ``O(N * D)``: 4 bytes * N * D for float32, e.g. 0.8 GB for 200k x 1000) and computes the residual norms
+    in :meth:`finalize`; the per-rank sums are then added across ranks, so nothing is gathered. Pass
+    ``alpha`` to fix it instead and store nothing.
 
     Args:
         dim: dimension of the principal subspace, ``0 < dim < D``; ``None`` picks :func:`default_vim_dim`.
