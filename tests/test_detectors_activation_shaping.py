@@ -49,6 +49,21 @@ def test_react_matches_numpy(percentile: float, temperature: float) -> None:
     np.testing.assert_allclose(det(_batch(test, head)).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_react_and_ash_keep_float64() -> None:
+    train, test, head = _setup(12)
+    train, test, head = train.double(), test.double(), head.double()
+    det = ReAct(percentile=85.0).fit(features=train, head=head, batch_size=50)
+    c = np.percentile(train.numpy(), 85.0)
+    assert float(det.threshold_) == pytest.approx(c, rel=1e-14, abs=0)
+    scores = det(_batch(test, head))
+    assert scores.dtype == torch.float64
+    np.testing.assert_allclose(scores.numpy(), _np_energy(np.minimum(test.numpy(), c), head), rtol=1e-12)
+    shaped = ASH(percentile=80.0, variant="s")(_batch(test, head))
+    assert shaped.dtype == torch.float64
+    expected = _np_energy(_np_ash(test.numpy(), 80.0, "s"), head)
+    np.testing.assert_allclose(shaped.numpy(), expected, rtol=1e-12)
+
+
 def test_react_fixed_threshold_needs_no_fit() -> None:
     _, test, head = _setup(6)
     det = ReAct(threshold=1.0)

@@ -1,33 +1,33 @@
-"""A 2-process (gloo, CPU) fit of KNN and ReAct on an uneven split equals a 1-process fit on all the data."""
+"""A 2-process (gloo, CPU) fit of KNN and ReAct equals a 1-process fit on all the data: on an uneven split,
+when one rank gets no fit batch at all, and in float64; with no data on any rank both ranks raise."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_helpers import run_ddp  # tests/ddp_helpers.py
 
 from lightning_ood.detectors import KNN, DetectorInputs, ReAct
 
-N_RANK0 = 37  # of 100 rows: an uneven split
+N, D = 100, 12
+SPLITS = {"uneven": 37, "empty_rank": N}  # rows of rank 0; rank 1 gets the rest (none for "empty_rank")
 
 
-def _data() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
+def _data(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Linear]:
     gen = torch.Generator().manual_seed(0)
-    train = torch.randn(100, 12, generator=gen).relu()
-    test = torch.randn(15, 12, generator=gen).relu()
-    head = torch.nn.Linear(12, 4)
+    train = torch.randn(N, D, generator=gen, dtype=torch.float64).relu().to(dtype)
+    test = torch.randn(15, D, generator=gen, dtype=torch.float64).relu().to(dtype)
+    head = torch.nn.Linear(D, 4, dtype=dtype)
     with torch.no_grad():
-        head.weight.copy_(torch.randn(4, 12, generator=gen))
+        head.weight.copy_(torch.randn(4, D, generator=gen))
         head.bias.zero_()
     return train, test, head
 
 
-def _detectors() -> dict[str, KNN | ReAct]:
+def _detectors(dtype: torch.dtype) -> dict[str, KNN | ReAct]:
+    bank = "float64" if dtype == torch.float64 else "float32"
     return {
-        "knn": KNN(k=4, chunk_size=9),
+        "knn": KNN(k=4, chunk_size=9, bank_dtype=bank),
         "react": ReAct(percentile=90.0),
         "react_cap_above_n": ReAct(max_samples=1000),
         "react_subsampled": ReAct(max_samples=30),
@@ -35,34 +35,82 @@ def _detectors() -> dict[str, KNN | ReAct]:
 
 
 def _fit_and_score(train: torch.Tensor, test: torch.Tensor, head: torch.nn.Linear) -> dict[str, torch.Tensor]:
+    """Fit each detector batch by batch (no update at all when ``train`` is empty), score ``test``."""
     out = {}
-    for key, det in _detectors().items():
-        det.fit(features=train, head=head, batch_size=10)
-        out[key] = det(DetectorInputs(logits=head(test).detach(), features=test, head=head))
+    for key, det in _detectors(train.dtype).items():
+        det.reset()
+        for start in range(0, len(train), 10):
+            feats = train[start : start + 10]
+            det.update(
+                DetectorInputs(logits=torch.empty(0), features=feats, head=head),
+                torch.full((len(feats),), -1),
+            )
+        det.finalize()
+        with torch.no_grad():
+            out[key] = det(DetectorInputs(logits=head(test), features=test, head=head))
         if isinstance(det, ReAct):
             out[key + "_threshold"] = det.threshold_.clone()
     return out
 
 
-def _worker(rank: int, init_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        train, test, head = _data()
-        shard = train[:N_RANK0] if rank == 0 else train[N_RANK0:]
-        result = _fit_and_score(shard, test, head)
-        if rank == 0:
-            torch.save(result, out_file)
-    finally:
-        dist.destroy_process_group()
+def _fit_worker(rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        train, test, head = _data(dtype)
+        for split, n_rank0 in SPLITS.items():
+            shard = train[:n_rank0] if rank == 0 else train[n_rank0:]
+            results[f"{split}/{dtype}"] = _fit_and_score(shard, test, head)
+    return results
 
 
 @pytest.mark.slow
-def test_two_process_fit_equals_one_process_fit(tmp_path: Path) -> None:
-    out_file = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)
-    ddp = torch.load(out_file)
-    single = _fit_and_score(*_data())
-    for key in ("knn", "react", "react_threshold", "react_cap_above_n", "react_cap_above_n_threshold"):
-        torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=0, msg=key)
-    # Subsampling is an estimate: it depends on the world size, but it ran and kept a value in range.
-    assert 0 < float(ddp["react_subsampled_threshold"]) < float(_data()[0].max())
+def test_two_process_fit_equals_one_process_fit() -> None:
+    results = run_ddp(_fit_worker, timeout=90)
+    for dtype in (torch.float32, torch.float64):
+        single = _fit_and_score(*_data(dtype))
+        assert single["knn"].dtype == single["react"].dtype == dtype  # float64 is not downcast
+        for split in SPLITS:
+            for rank, ddp in enumerate(results):
+                got = ddp[f"{split}/{dtype}"]
+                for key in (
+                    "knn",
+                    "react",
+                    "react_threshold",
+                    "react_cap_above_n",
+                    "react_cap_above_n_threshold",
+                ):
+                    msg = f"{split}/{dtype}/rank{rank}/{key}"
+                    torch.testing.assert_close(got[key], single[key], rtol=1e-9, atol=1e-9, msg=msg)
+                # Subsampling is an estimate that depends on the world size; it ran and kept a value in range.
+                assert 0 < float(got["react_subsampled_threshold"]) < float(_data(dtype)[0].max())
+
+
+def _error_worker(rank: int) -> dict[str, str]:
+    """Fit with no data on any rank, then with a different feature dimension per rank; return the errors."""
+    errors = {}
+    for key, det in _detectors(torch.float32).items():
+        for case, feats in (("no_data", None), ("dim_mismatch", torch.rand(5, 6 + rank))):
+            det.reset()
+            if feats is not None:
+                det.update(DetectorInputs(logits=torch.empty(0), features=feats), torch.full((5,), -1))
+            try:
+                det.finalize()
+                errors[f"{case}/{key}"] = "no error"
+            except (RuntimeError, ValueError) as err:
+                errors[f"{case}/{key}"] = str(err)
+    return errors
+
+
+@pytest.mark.slow
+def test_fit_without_data_on_any_rank_raises_on_every_rank() -> None:
+    for errors in run_ddp(_error_worker, timeout=60):
+        for key in _detectors(torch.float32):
+            assert "no ID training features on any rank" in errors[f"no_data/{key}"], errors
+            assert "feature dimension differs across ranks" in errors[f"dim_mismatch/{key}"], errors
+
+
+def test_fit_without_data_raises_in_one_process() -> None:
+    for det in _detectors(torch.float32).values():
+        det.reset()
+        with pytest.raises(RuntimeError, match="no ID training features on any rank"):
+            det.finalize()

@@ -13,25 +13,40 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, DetectorInputs, all_gather_cat
+from lightning_ood.detectors.dtypes import at_least_float32, compute_dtype
+from lightning_ood.detectors.gather import gather_rows
 
 
 def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``[B]`` free energy ``-T * logsumexp(z / T)`` of ``[B, C]`` logits (Liu et al. 2020, eq. 5)."""
-    return -temperature * torch.logsumexp(logits.float() / temperature, dim=1)
+    """``[B]`` free energy ``-T * logsumexp(z / T)`` of ``[B, C]`` logits (Liu et al. 2020, eq. 5), in the
+    logits' dtype promoted to at least float32."""
+    return -temperature * torch.logsumexp(at_least_float32(logits) / temperature, dim=1)
 
 
 def _head_logits(batch: DetectorInputs, features: Tensor, who: str) -> Tensor:
+    """``[B, C]`` logits ``W h + b`` of ``[B, D]`` features, in the wider of their and the head's dtypes."""
     if batch.head is None:
         raise ValueError(f"{who} needs `head` (the final nn.Linear) to recompute the logits")
     # Post-hoc scores carry no autograd history, even outside no_grad.
-    bias = None if batch.head.bias is None else batch.head.bias.detach().float()
-    return nn.functional.linear(features, batch.head.weight.detach().float(), bias)
+    weight, bias = batch.head.weight.detach(), batch.head.bias
+    dtype = compute_dtype(features, weight)
+    bias = None if bias is None else bias.detach().to(dtype)
+    return nn.functional.linear(features.to(dtype), weight.to(dtype), bias)
 
 
 def _features(batch: DetectorInputs, who: str) -> Tensor:
+    """``[B, D]`` features, half / bfloat16 promoted to float32 (float64 stays float64)."""
     if batch.features is None:
         raise ValueError(f"{who} needs `features`")
-    return batch.features.detach().float().flatten(1)
+    return at_least_float32(batch.features.detach()).flatten(1)
+
+
+def _bottom_k(rows: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` rows of ``rows`` ``[n, D]`` with the smallest ``keys`` ``[n]`` (all of them when ``n <= k``)."""
+    if keys.numel() <= k:
+        return rows, keys
+    keep = keys.topk(k, largest=False).indices
+    return rows[keep], keys[keep]
 
 
 def percentile_linear(values: Tensor, q: float) -> float:
@@ -62,9 +77,10 @@ class ReAct(Detector):
     network's head, score ``-T * logsumexp(z / T)``. Higher = more OOD.
 
     ``c`` is the ``percentile``-th percentile of *all* ``N * D`` feature values of the ID training set (the
-    paper's rule), computed exactly like ``np.percentile`` (linear interpolation): fitting keeps the float32
-    features (``N * D * 4`` bytes on their device, e.g. 100 MB for 50k x 512) until ``finalize``, which
-    gathers them across ranks first, so a DDP fit gives exactly the one-process threshold. No one-pass exact
+    paper's rule), computed exactly like ``np.percentile`` (linear interpolation): fitting keeps the features
+    (float32, or float64 for float64 features: ``N * D * 4`` bytes on their device, e.g. 100 MB for
+    50k x 512) until ``finalize``, which gathers them across ranks first (a rank that got no fit batch
+    sends none), so a DDP fit gives exactly the one-process threshold. No one-pass exact
     method with less memory exists; for huge ``N`` set ``max_samples`` to keep a uniform random subset of that
     many training rows (bottom-k sampling with seeded random keys, also merged across ranks). That threshold
     is then an estimate whose value depends on the seed, data order and world size; its rank error is about
@@ -144,26 +160,34 @@ class ReAct(Detector):
 
     def _subsample(self) -> None:
         # Bottom-k sampling: the rows with the max_samples smallest iid uniform keys are a uniform sample.
-        rows, keys = torch.cat(self._rows), torch.cat(self._keys)
-        if self.max_samples is not None and keys.numel() > self.max_samples:
-            keep = keys.topk(self.max_samples, largest=False).indices
-            rows, keys = rows[keep], keys[keep]
+        assert self.max_samples is not None
+        rows, keys = _bottom_k(torch.cat(self._rows), torch.cat(self._keys), self.max_samples)
         self._rows, self._keys = [rows], [keys]
 
     def finalize(self) -> None:
-        """Gather the kept rows of every rank and set ``threshold_`` to their ``percentile``."""
+        """Gather the kept rows of every rank and set ``threshold_`` to their ``percentile``.
+
+        A collective: every rank must call it, also one that got no fit batch (it contributes no rows). Raises
+        on every rank when no rank saw any feature.
+        """
         if self.needs_fit:
-            if not self._rows:
-                raise RuntimeError(f"detector {self.name!r}: finalize() called before any update()")
-            if self.max_samples is not None:
-                self._subsample()
-                self._keys = [all_gather_cat(self._keys[0])]
-            self._rows = [all_gather_cat(torch.cat(self._rows))]
-            if self.max_samples is not None:
-                self._subsample()
-            self.threshold_.fill_(percentile_linear(self._rows[0], self.percentile))
+            rows = self._gather()
             self._rows, self._keys = [], []
+            self.threshold_.fill_(percentile_linear(rows, self.percentile))
         super().finalize()
+
+    def _gather(self) -> Tensor:
+        """Every rank's kept ``[n, D]`` rows; with ``max_samples``, the bottom-k of the union of their keys."""
+        device = self.threshold_.device
+        local = torch.cat(self._rows) if self._rows else None
+        if self.max_samples is None:
+            return gather_rows(local, device=device, who=self.name)
+        keys = torch.cat(self._keys) if self._keys else torch.empty(0, dtype=torch.float64, device=device)
+        if local is not None:
+            local, keys = _bottom_k(local, keys, self.max_samples)
+        rows = gather_rows(local, device=device, who=self.name)
+        keys = all_gather_cat(keys.to(rows.device))
+        return _bottom_k(rows, keys, self.max_samples)[0]
 
     def score(self, batch: DetectorInputs) -> Tensor:
         """``[B]`` energy of the logits of the clipped ``[B, D]`` features; higher = more OOD."""

@@ -8,9 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, DetectorInputs, all_gather_cat
+from lightning_ood.detectors.base import Detector, DetectorInputs
+from lightning_ood.detectors.dtypes import at_least_float32_dtype
+from lightning_ood.detectors.gather import gather_rows
 
-_BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_BANK_DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 class KNN(Detector):
@@ -23,22 +30,26 @@ class KNN(Detector):
     Higher = more OOD; range ``[-1, 1]``. Ties are harmless: the k-th largest *value* is unique.
 
     Fitting keeps every normalised ID-train feature (the bank is not a sufficient statistic, so contract 1.4's
-    float64 accumulation does not apply: features are stored as float32, as faiss does). ``finalize`` gathers
-    the per-rank banks once (:func:`all_gather_cat`), so a DDP fit gives the same set of bank rows as a
+    float64 accumulation does not apply: features are stored in ``bank_dtype``, float32 by default as faiss
+    does; until ``finalize`` they are kept as float32, or float64 for a float64 bank). ``finalize`` gathers
+    the per-rank banks once (:func:`~lightning_ood.detectors.gather.gather_rows`; a rank that got no fit
+    batch sends an empty ``[0, D]`` bank), so a DDP fit gives the same bank rows, in rank order, as a
     one-process fit. Memory: ``N * D * itemsize`` bytes for the bank buffer (e.g. CIFAR-10 with ResNet-18
     features: 50k x 512 x 4 B = 100 MB), on the features' device.
 
     Scoring is exact brute force, chunked over the bank with a running top-k merge: peak extra memory is
-    ``B * (chunk_size + 2k)`` floats (32 MB for B = 1024 at the default), never ``B x N`` nor ``B x B``.
-    It runs on any device.
+    ``B * (chunk_size + 2k)`` values (32 MB for B = 1024 at the default), never ``B x N`` nor ``B x B``.
+    It runs on any device. Similarities are computed in the features' dtype, at least float32 (float64
+    features are not downcast), so scores are float32, or float64 for float64 features.
 
     Args:
         k: which neighbour; 1 (the default) is the unsupervised k-NN of Adaloglou et al. Sun et al. use
             k = 50 for CIFAR-10 (full training set) and k = 1000 for ImageNet.
         chunk_size: bank rows per chunk when scoring.
-        bank_dtype: storage dtype of the bank, ``"float32"``, ``"float16"`` or ``"bfloat16"``; half
-            precision halves memory (similarities are still computed in float32, chunk by chunk, but the
-            rounded bank changes scores by up to ~1e-3).
+        bank_dtype: storage dtype of the bank, ``"float32"``, ``"float64"``, ``"float16"`` or ``"bfloat16"``;
+            half precision halves memory (similarities are still computed in float32 or better, chunk by
+            chunk, but the rounded bank changes scores by up to ~1e-3); ``"float64"`` doubles it and keeps
+            float64 features exact.
         name: log key; defaults to ``"knn"``.
     """
 
@@ -73,15 +84,19 @@ class KNN(Detector):
 
     def update(self, batch: DetectorInputs, targets: Tensor) -> None:
         """Append the L2-normalised ``[B, D]`` features of one ID-train batch to this rank's bank."""
-        self._parts.append(normalize(batch.features).detach())
+        part_dtype = at_least_float32_dtype(_BANK_DTYPES[self.bank_dtype])
+        self._parts.append(normalize(batch.features).to(part_dtype))
 
     def finalize(self) -> None:
-        """Concatenate this rank's features, gather every rank's (uneven sizes allowed) and store the bank."""
-        if not self._parts:
-            raise RuntimeError(f"detector {self.name!r}: finalize() called before any update()")
-        local = torch.cat(self._parts)
+        """Concatenate this rank's features, gather every rank's (uneven sizes allowed) and store the bank.
+
+        A collective: every rank must call it, also one that got no fit batch (it contributes no rows). Raises
+        on every rank when no rank saw any feature.
+        """
+        local = torch.cat(self._parts) if self._parts else None
         self._parts = []
-        self.bank = all_gather_cat(local).to(_BANK_DTYPES[self.bank_dtype]).contiguous()
+        bank = gather_rows(local, device=self.bank.device, who=self.name)
+        self.bank = bank.to(_BANK_DTYPES[self.bank_dtype]).contiguous()
         if self.bank.shape[0] < self.k:
             raise ValueError(f"KNN k={self.k} exceeds the bank size {self.bank.shape[0]}")
         super().finalize()
@@ -92,17 +107,19 @@ class KNN(Detector):
 
 
 def normalize(features: Tensor | None) -> Tensor:
-    """``[B, D]`` float32 rows scaled to unit L2 norm (computed in float64; zero rows stay zero)."""
+    """``[B, D]`` rows scaled to unit L2 norm (computed in float64; zero rows stay zero), returned in the
+    features' dtype promoted to at least float32 (float64 stays float64)."""
     if features is None:
         raise ValueError("KNN needs `features`")
-    return F.normalize(features.detach().double().flatten(1), dim=1).float()
+    out_dtype = at_least_float32_dtype(features.dtype)
+    return F.normalize(features.detach().double().flatten(1), dim=1).to(out_dtype)
 
 
 def kth_largest_cosine(queries: Tensor, bank: Tensor, k: int, chunk_size: int) -> Tensor:
     """The k-th largest of ``queries @ bank.T`` per row, computed chunk by chunk over the bank.
 
     Args:
-        queries: ``[B, D]`` float32, unit rows.
+        queries: ``[B, D]`` float32 or float64 unit rows; the similarities are computed in their dtype.
         bank: ``[N, D]`` unit rows, any float dtype (cast to ``queries.dtype`` one chunk at a time).
         k: ``1 <= k <= N``.
         chunk_size: bank rows per chunk; peak extra memory is ``B * (chunk_size + 2k)`` values.

@@ -33,6 +33,23 @@ def head_origin(head: nn.Linear) -> Tensor:
     return -torch.linalg.pinv(w) @ head.bias.detach().to(_F64)
 
 
+def residual_basis(scatter: Tensor, count: int, offset: Tensor, dim: int) -> Tensor:
+    """``R`` ``[D, D - dim]``: the eigenvectors of ``M = sum_i (z_i - u)(z_i - u)^T`` beyond the ``dim`` largest.
+
+    ``M = S + N a a^T`` with ``S`` ``[D, D]`` the scatter about the mean ``g`` (``scatter``), ``N = count`` and
+    ``a = g - u`` (``offset``, ``[D]``). Forming ``M`` in float64 (directly or from ``S``) and taking
+    ``eigh(M)`` squares the condition number: when ``|a|`` is much larger than the spread of the features
+    (e.g. ``|u| = 1e6`` for spread 1), every small eigenvector of ``M`` gets an absolute error of about
+    ``eps * |a|^2 / spread^2`` (1e-4 there). Instead ``M = F^T F`` with ``F = [sqrt(N) a^T; (V sqrt(L))^T]``
+    ``[D + 1, D]`` (``S = V L V^T``), and the right singular vectors of ``F`` are the eigenvectors of ``M``
+    with errors of about ``eps * |a| / spread`` (1e-10 there), the accuracy of an SVD of the centred data.
+    """
+    evals, evecs = torch.linalg.eigh(0.5 * (scatter + scatter.mT))
+    factor = torch.cat([(count**0.5 * offset)[None, :], (evecs * evals.clamp_min(0.0).sqrt()).mT])
+    _, _, vh = torch.linalg.svd(factor, full_matrices=False)  # singular values in descending order
+    return vh[dim:].mT.contiguous()
+
+
 class ViM(MomentDetector):
     """Virtual-logit matching: ``alpha * ||(z - u) R|| - logsumexp(logits)`` (higher = more OOD).
 
@@ -45,13 +62,15 @@ class ViM(MomentDetector):
     is the softmax probability of the virtual logit, ``e^v / (e^v + sum_c e^{l_c})``, which is monotone in
     ``v - logsumexp(l)``: the official code ranks by ``logsumexp(l) - v`` (ID high); this is its negation.
 
-    Fitting is one streaming pass. The ``[D, D]`` second moment comes from float64 sufficient statistics
-    (memory ``O(D^2)``), and the mean max-logit is a running sum. The mean residual norm is not a function
-    of any fixed-size statistic (the subspace is only known at the end), so to compute ``alpha`` exactly
-    without a second pass over the data each rank **keeps its training features on the CPU in their input
-    dtype** (memory ``O(N * D)``: 4 bytes * N * D for float32, e.g. 0.8 GB for 200k x 1000) and computes
-    the residual norms in :meth:`finalize`; the per-rank sums are then added across ranks, so nothing is
-    gathered. Pass ``alpha`` to fix it instead and store nothing.
+    Fitting is one streaming pass. The ``[D, D]`` second moment about ``u`` comes from float64 sufficient
+    statistics (memory ``O(D^2)``): the scatter about the features' mean ``g`` and ``g - u``, combined without
+    cancellation by :func:`residual_basis` (exact also when ``|u|`` dwarfs the spread of the features), and
+    the mean max-logit is a running sum. The mean residual norm is not a function of any fixed-size
+    statistic (the subspace is only known at the end), so to compute ``alpha`` exactly without a second pass
+    over the data each rank **keeps its training features on the CPU in their input dtype** (memory
+    ``O(N * D)``: 4 bytes * N * D for float32, e.g. 0.8 GB for 200k x 1000) and computes the residual norms
+    in :meth:`finalize`; the per-rank sums are then added across ranks, so nothing is gathered. Pass
+    ``alpha`` to fix it instead and store nothing.
 
     Args:
         dim: dimension of the principal subspace, ``0 < dim < D``; ``None`` picks :func:`default_vim_dim`.
@@ -122,12 +141,7 @@ class ViM(MomentDetector):
         )
         packed = all_reduce_sum(packed)
         u = packed[:d] / packed[d]
-        # Second moment about u from the one about the mean g: sum (z-u)(z-u)^T = scatter + N (g-u)(g-u)^T.
-        offset = moments.mean - u
-        second_u = (moments.total_scatter + moments.count * torch.outer(offset, offset)) / moments.count
-        evals, evecs = torch.linalg.eigh(0.5 * (second_u + second_u.mT))
-        order = torch.argsort(evals, descending=True, stable=True)
-        basis = evecs[:, order[dim:]].contiguous()
+        basis = residual_basis(moments.total_scatter, moments.count, moments.mean - u, dim)
         if self.alpha is None:
             alpha = self._fit_alpha(u, basis)
         else:

@@ -15,7 +15,10 @@ class OODMetrics(Metric):
 
     Every score and label is kept (list states reduced by concatenation), so the result is exact and, under
     DDP, equal to the single-process result whatever the batching. ``update`` may receive batches that hold
-    only ID or only OOD samples; only the accumulated data must contain both.
+    only ID or only OOD samples; only the accumulated data must contain both. Each list state starts with an
+    empty float64 ``[0]`` tensor (again after ``reset``), so a rank that never saw a batch still gathers a
+    float64 tensor like the other ranks (torchmetrics would otherwise send a float32 placeholder, which breaks
+    the gather).
 
     torchmetrics' binary ROC / AUROC / average-precision metrics are deliberately not used: they treat their
     input as probabilities or logits and apply a sigmoid to any batch with a value outside [0, 1]
@@ -44,6 +47,16 @@ class OODMetrics(Metric):
         self.set_name = set_name
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("is_ood", default=[], dist_reduce_fx="cat")
+        self._seed_empty()
+
+    def _seed_empty(self) -> None:
+        """Put an empty float64 ``[0]`` tensor into each list state: the dtype every rank gathers."""
+        self.scores.append(torch.empty(0, dtype=torch.float64, device=self.device))
+        self.is_ood.append(torch.empty(0, dtype=torch.float64, device=self.device))
+
+    def reset(self) -> None:
+        super().reset()
+        self._seed_empty()
 
     def update(self, scores: Tensor, is_ood: Tensor) -> None:
         """Accumulate one batch.
@@ -64,9 +77,6 @@ class OODMetrics(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """Return ``{key: float64 scalar tensor}`` for every key of ``METRIC_KEYS``, in that order."""
-        # With no update at all the list states are empty; an empty tensor gives the "set is empty" error.
-        empty = torch.empty(0, dtype=torch.float64)
-        scores = dim_zero_cat(self.scores) if len(self.scores) else empty
-        is_ood = dim_zero_cat(self.is_ood) if len(self.is_ood) else empty
-        values = ood_metrics(scores, is_ood, set_name=self.set_name)
+        # The seeded empty entry makes the states non-empty; no update at all gives the "set is empty" error.
+        values = ood_metrics(dim_zero_cat(self.scores), dim_zero_cat(self.is_ood), set_name=self.set_name)
         return {key: torch.tensor(values[key], dtype=torch.float64) for key in METRIC_KEYS}
