@@ -196,7 +196,7 @@ def test_frozen_classifier_stays_frozen_and_out_of_checkpoints(two_epochs, tmp_p
     state = torch.load(source, weights_only=False)
     state["state_dict"]["net.model.fc.bias"] += 1.0
     torch.save(state, source)
-    with pytest.raises(ValueError, match="frozen sub-model 'classifier'.*sha256"):
+    with pytest.raises(ValueError, match=r"frozen sub-model 'classifier'.*sha256"):
         evaluate(
             [
                 *TINY,

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_ood.detectors.base import Detector, DetectorInputs, all_gather_cat
-from lightning_ood.detectors.dtypes import at_least_float32, compute_dtype
 from lightning_ood.detectors.gather import gather_rows
+from lightning_ood.precision import at_least_float32, compute_dtype
 
 
 def energy(logits: Tensor, temperature: float = 1.0) -> Tensor:

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, DetectorInputs
-from lightning_ood.detectors.dtypes import at_least_float32_dtype
 from lightning_ood.detectors.gather import gather_rows
+from lightning_ood.precision import at_least_float32_dtype
 
 _BANK_DTYPES = {
     "float64": torch.float64,

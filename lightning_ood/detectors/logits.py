@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, DetectorInputs
-from lightning_ood.detectors.dtypes import at_least_float32
+from lightning_ood.precision import at_least_float32
 
 
 def log_softmax_and_complement(logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, DetectorInputs, ScoringModel
+from lightning_ood.precision import at_least_float32
 
 
 class ODIN(Detector):
@@ -67,13 +68,13 @@ class ODIN(Detector):
         return f"temperature={self.temperature}, epsilon={self.epsilon}, input_std={self.input_std}"
 
     def _msp(self, logits: Tensor) -> Tensor:
-        return (logits.float() / self.temperature).softmax(dim=1).amax(dim=1)
+        return (at_least_float32(logits) / self.temperature).softmax(dim=1).amax(dim=1)
 
     def perturb(self, inputs: Tensor, model: ScoringModel) -> Tensor:
         """``[B, ...]`` perturbed inputs ``x'`` (eq. 2), computed outside inference mode, detached."""
         with torch.inference_mode(False), torch.enable_grad():
             x = inputs.detach().clone().requires_grad_(True)
-            logits = model.forward_outputs(x).logits.float() / self.temperature
+            logits = at_least_float32(model.forward_outputs(x).logits) / self.temperature
             # -log S_y_hat(x; T): cross-entropy against the predicted class.
             loss = F.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
             (grad,) = torch.autograd.grad(loss, x)
