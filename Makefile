@@ -9,20 +9,26 @@ FMNIST_DEB := /usr/share/datasets/fashion-mnist
 DATA_ROOT ?= data
 export WANDB_SILENT ?= true
 
-.PHONY: help install fashion-mnist demo test lint format bench clean
+.PHONY: help install lock fashion-mnist demo test lint format bench clean
 
 help:
 	@echo "make demo   - train + evaluate the quickstart classifier on the offline Fashion-MNIST benchmark"
 	@echo "make test   - lint and run the test suite (CPU, no network)"
-	@echo "make lint | format | bench | clean"
+	@echo "make lint | format | bench | lock | clean"
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every dependency to the versions the documented numbers were produced with.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-pin constraints.txt to what .venv has now (after an intended upgrade).
+lock: $(STAMP)
+	@{ head -2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -i '^lightning[-_]ood'; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt && echo "constraints.txt: $$(grep -vc '^#' constraints.txt) pins"
 
 # Fashion-MNIST: the Debian package when apt is available, else torchvision's download into $(DATA_ROOT).
 fashion-mnist: $(STAMP)

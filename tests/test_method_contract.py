@@ -150,3 +150,36 @@ def test_a_method_without_outliers_never_builds_them():
     dm.setup("fit")
     assert isinstance(dm.train_dataloader(), torch.utils.data.DataLoader)
     assert "aux" not in dm._splits
+
+
+def test_without_a_validation_metric_the_last_checkpoint_is_tested(tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        cli = train(
+            [
+                *DATA,
+                "--model=toy_method.UnmonitoredToy",
+                *FAST,
+                *csv_logger(tmp_path / "a"),
+                "--trainer.max_epochs=1",
+            ]
+        )
+    assert cli.trainer.checkpoint_callback.monitor is None
+    assert (
+        "declares no validation metric to choose a best checkpoint by: testing the last checkpoint"
+        in caplog.text
+    )
+    assert rows_by_key(cli)
+
+    with pytest.warns(UserWarning, match=r"No best checkpoint by 'val/acc'.*Testing the last checkpoint"):
+        clf = train(
+            [
+                *DATA,
+                "--model",
+                "configs/model/classifier_tiny.yaml",
+                *FAST,
+                *csv_logger(tmp_path / "b"),
+                "--trainer.max_epochs=1",
+                "--data.init_args.val_fraction=0",
+            ]
+        )
+    assert clf.trainer.ckpt_path.endswith("last.ckpt") and rows_by_key(clf)

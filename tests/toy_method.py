@@ -147,3 +147,9 @@ class RecordingToy(ToyEncoder):
         path = Path(self.record_dir) / f"rank{self.global_rank}_epoch{self.current_epoch}.json"
         path.write_text(json.dumps(self.seen))
         self.seen = {k: [] for k in self.seen}
+
+
+class UnmonitoredToy(ToyEncoder):
+    """``ToyEncoder`` declaring no validation metric: the last checkpoint is tested."""
+
+    checkpoint_monitor = None

@@ -21,14 +21,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_ood.contract import MEAN_GROUPS, OOD_GROUPS
 from lightning_ood.data import sources as off
 from lightning_ood.data.sources import RawSet
 from lightning_ood.data.sources_torchvision import imagefolder, read_image, torchvision_builder
 from lightning_ood.data.transforms import format_images
 
-GROUPS = ("near", "far")
+GROUPS = OOD_GROUPS
 #: Names no OOD set may take: the ID set's, and the group means' in logged keys ``test/<near|far|all>/...``.
-RESERVED_NAMES = ("id", "near", "far", "all")
+RESERVED_NAMES = ("id", *MEAN_GROUPS)
 SPLITS = ("train", "test", "all")
 _POOL_TEST_FRACTION = 0.2
 
