@@ -125,6 +125,17 @@ class OODCLI(LightningCLI):
                 help="CSV to write (default: <images>/ood_scores.csv).",
             )
 
+    def instantiate_classes(self) -> None:
+        """Instantiate, but report a bad setting with our own one-line messages, not the parser's nested union
+        dump (e.g. ``OOD set 'x'.group: must be one of ['near', 'far'], got 'mid'``)."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            reasons = _own_reasons(str(err))
+            if not reasons:
+                raise
+            raise ValueError("; ".join(reasons)) from None
+
     def before_instantiate_classes(self) -> None:
         """``checkpoint.monitor: auto`` / ``checkpoint.mode: auto`` -> what the configured method declares."""
         config = self.config
@@ -140,6 +151,15 @@ class OODCLI(LightningCLI):
             raise ValueError(
                 f"checkpoint.mode must be 'min', 'max' or 'auto', got {config.checkpoint.mode!r}"
             )
+
+
+_PARSER_LINES = ("Does not validate", "Subtypes:", "Errors:", "Expected a", "Given value", "Not a valid")
+
+
+def _own_reasons(message: str) -> list[str]:
+    """The lines of a jsonargparse union error that are not the parser's own bookkeeping (deduplicated)."""
+    lines = (line.strip().removeprefix("- ").strip() for line in message.splitlines())
+    return list(dict.fromkeys(x for x in lines if x and not x.startswith(_PARSER_LINES)))
 
 
 def train(args: Sequence[str] | None = None) -> OODCLI:

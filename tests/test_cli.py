@@ -111,7 +111,6 @@ def test_ood_set_on_the_command_line_needs_no_group():
 
 def test_bad_ood_set_on_the_command_line_names_the_set():
     sets = "--data.init_args.ood_sets=[{name: x, source: gaussian, group: middle}]"
-    with pytest.raises(
-        ValueError, match=r"OOD set 'x'.group: must be one of \['near', 'far'\], got 'middle'"
-    ):
+    with pytest.raises(ValueError) as err:
         OODCLI(args=[*TINY, "--trainer.logger=false", sets])
+    assert str(err.value) == "OOD set 'x'.group: must be one of ['near', 'far'], got 'middle'"  # one line
