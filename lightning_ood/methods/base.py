@@ -27,6 +27,10 @@ from lightning_ood.frozen import file_sha256, freeze
 from lightning_ood.precision import full_precision, promote_head, promote_outputs
 
 _NAME = re.compile(r"^[a-z0-9_]+$")
+#: Hyperparameters that shape training only, not the features of given weights: left out of the fit cache key.
+_NOT_FEATURE_SETTINGS = frozenset(
+    {"detectors", "detector_cache", "optimizer", "scheduler", "scheduler_interval", "label_smoothing"}
+)
 
 
 class OODMethod(LightningModule):
@@ -270,7 +274,7 @@ class OODMethod(LightningModule):
     def _cache_key(self, ckpt: str) -> str:
         datamodule = self.trainer.datamodule
         data = datamodule.fit_fingerprint() if hasattr(datamodule, "fit_fingerprint") else repr(datamodule)
-        method = {k: v for k, v in self.hparams.items() if k not in ("detectors", "detector_cache")}
+        method = {k: v for k, v in self.hparams.items() if k not in _NOT_FEATURE_SETTINGS}
         context = {
             "data": data,
             "precision": str(self.trainer.precision),
