@@ -66,3 +66,31 @@ def load_method(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module
     cls = getattr(importlib.import_module(module_name), name)
     model = cls.load_from_checkpoint(p, map_location=map_location)
     return freeze(model)
+
+
+def _unsaved_prefixes(module: nn.Module, prefix: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}{name}." for name in module._unsaved)
+
+
+def drop_unsaved_state(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """``state_dict`` post-hook: the children named in ``module._unsaved`` (detectors, frozen sub-models) are not
+    training state and are left out."""
+    prefixes = _unsaved_prefixes(module, prefix)
+    for key in [k for k in state_dict if k.startswith(prefixes)]:
+        del state_dict[key]
+
+
+def keep_unsaved_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: detectors and frozen sub-models keep their own state.
+
+    Entries for them in older checkpoints are ignored, and their current state stands in for the missing ones
+    (so a strict load does not fail on them).
+    """
+    for name in module._unsaved:
+        child_prefix = f"{prefix}{name}."
+        for key in [k for k in state_dict if k.startswith(child_prefix)]:
+            del state_dict[key]
+        for key, value in getattr(module, name).state_dict(keep_vars=True).items():
+            state_dict[child_prefix + key] = value

@@ -23,7 +23,7 @@ from lightning_ood.contract import CONSUMABLES, DetectorInputs, ModelOutputs, Te
 from lightning_ood.detectors.base import Detector
 from lightning_ood.detectors.defaults import default_detectors
 from lightning_ood.detectors.fitting import cache_key, fit_detectors, load_cached, save_cache
-from lightning_ood.frozen import file_sha256, freeze
+from lightning_ood.frozen import drop_unsaved_state, file_sha256, freeze, keep_unsaved_state
 from lightning_ood.precision import full_precision, promote_head, promote_outputs
 
 _NAME = re.compile(r"^[a-z0-9_]+$")
@@ -62,8 +62,8 @@ class OODMethod(LightningModule):
         self._unsaved: list[str] = []  # child modules left out of state_dict (detectors, frozen sub-models)
         self._frozen: dict[str, dict[str, str]] = {}  # frozen child -> {"path", "sha256"} ({} without a file)
         self.detector_cache = True
-        self.register_state_dict_post_hook(_drop_unsaved)
-        self.register_load_state_dict_pre_hook(_keep_unsaved)
+        self.register_state_dict_post_hook(drop_unsaved_state)
+        self.register_load_state_dict_pre_hook(keep_unsaved_state)
 
     # -- what subclasses provide ---------------------------------------------------------------------------
     def forward_outputs(self, x: Tensor) -> ModelOutputs:
@@ -231,9 +231,7 @@ class OODMethod(LightningModule):
         trainer = self._trainer
         ckpt = trainer.ckpt_path if trainer is not None and self.detector_cache else None
         key = self._cache_key(ckpt) if ckpt else ""
-        if (
-            ckpt
-        ):  # every rank reads the cache itself: under multi-node DDP the checkpoint folder must be shared
+        if ckpt:  # every rank reads the cache: under multi-node DDP the checkpoint folder must be shared
             cached = {d.name for d in todo}
             todo = load_cached(todo, ckpt, key)
             cached -= {d.name for d in todo}
@@ -331,28 +329,3 @@ class OODMethod(LightningModule):
     ) -> TestStepOutput:
         images, targets = batch
         return self.score_batch(images, targets)
-
-
-def _unsaved_prefixes(module: OODMethod, prefix: str) -> tuple[str, ...]:
-    return tuple(f"{prefix}{name}." for name in module._unsaved)
-
-
-def _drop_unsaved(module: OODMethod, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """``state_dict`` post-hook: detectors and frozen sub-models are not training state."""
-    prefixes = _unsaved_prefixes(module, prefix)
-    for key in [k for k in state_dict if k.startswith(prefixes)]:
-        del state_dict[key]
-
-
-def _keep_unsaved(module: OODMethod, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """``load_state_dict`` pre-hook: detectors and frozen sub-models keep their own state.
-
-    Entries for them in older checkpoints are ignored, and their current state stands in for the missing ones
-    (so a strict load does not fail on them).
-    """
-    for name in module._unsaved:
-        child_prefix = f"{prefix}{name}."
-        for key in [k for k in state_dict if k.startswith(child_prefix)]:
-            del state_dict[key]
-        for key, value in getattr(module, name).state_dict(keep_vars=True).items():
-            state_dict[child_prefix + key] = value
