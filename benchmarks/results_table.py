@@ -30,6 +30,15 @@ def load(paths: list[Path]) -> list[list[dict]]:
     return runs
 
 
+def environments(paths: list[Path]) -> str:
+    """The versions the runs were produced with (one line; every distinct set when they differ)."""
+    found = {
+        ", ".join(f"{k} {v}" for k, v in read_results(p)[0].get("environment", {}).items()) or "not recorded"
+        for p in paths
+    }
+    return "; ".join(sorted(found))
+
+
 def table(runs: list[list[dict]], metrics: tuple[str, ...], sets: list[str]) -> str:
     """One row per detector; a column per (set, metric); cells mean ± std over runs, in percent."""
     values: dict[tuple[str, str, str], list[float]] = defaultdict(list)
@@ -65,6 +74,7 @@ def main() -> None:
     per_set = list(dict.fromkeys(r["set"] for r in runs[0] if r["kind"] == "set"))
     print(f"### {args.title}\n")
     print(f"{id_accuracy(runs)}; every metric in %, mean ± std over seeds.\n")
+    print(f"Environment: {environments(args.files)}.\n")
     print(
         "Group means: AUROC, FPR95 with ID positive (`fpr95_idpos`) and with OOD positive (`fpr95_oodpos`).\n"
     )
