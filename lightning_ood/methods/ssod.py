@@ -92,7 +92,9 @@ class SSOD(SupervisedMethod):
         super().__init__()
         self.save_hyperparameters(ignore=["detectors"])
         if not 0.5 < gamma < 1.0:
-            raise ValueError(f"model.gamma must be in (0.5, 1) so no location is both ID and OOD, got {gamma}")
+            raise ValueError(
+                f"model.gamma must be in (0.5, 1) so no location is both ID and OOD, got {gamma}"
+            )
         if alpha < 0:
             raise ValueError(f"model.alpha must be >= 0, got {alpha}")
         model = create_timm_model(

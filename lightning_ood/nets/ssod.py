@@ -5,8 +5,8 @@ A convolutional timm classifier whose last feature map ``F`` (``[B, C, h, w]``) 
 into the feature ``f`` and the logits ``W f + b``; and location by location, with the *same* linear classifier,
 into per-location logits ``W F_hw + b``. Locations whose ground-truth-class probability is high are ID samples,
 those where it is low (mostly background) are OOD samples, and a small binary OOD head learns to tell them apart
-(the paper's self-supervised sampling). The paper factorises ``P(i | x) = P(i | x in ID, x) * P(x in ID | x)``; at test time the
-OOD head on the pooled feature gives ``P_ID = P(x in ID | x)``.
+(the paper's self-supervised sampling). The paper factorises ``P(i | x) = P(i | x in ID, x) * P(x in ID | x)``;
+at test time the OOD head on the pooled feature gives ``P_ID = P(x in ID | x)``.
 
 OOD head convention: two logits, index :data:`OOD_INDEX` (0) = OOD and :data:`ID_INDEX` (1) = ID; ID locations
 are the positive "ID" class (label 1), OOD locations label 0.
@@ -128,7 +128,8 @@ def location_masks(location_logits: Tensor, labels: Tensor, gamma: float) -> tup
     """ID and OOD location masks, ``([B, h, w], [B, h, w])`` bool, computed without gradient.
 
     With ``p_hw = softmax(W F_hw + b)_y`` the probability of the image's class ``y`` at location ``hw``
-    (the paper's sampling rule): ID where ``p_hw >= gamma``, OOD where ``p_hw <= 1 - gamma``, neither (ignored) in between.
+    (the paper's sampling rule): ID where ``p_hw >= gamma``, OOD where ``p_hw <= 1 - gamma``, neither (ignored)
+    in between.
 
     Args:
         location_logits: ``[B, h, w, K]``.
