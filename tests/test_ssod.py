@@ -116,8 +116,9 @@ def test_id_locations_are_the_positive_id_class():
     assert after[ignored] == before[ignored]
 
 
+@pytest.mark.parametrize("unpaired", ["skip_batch", "skip_term"])
 @pytest.mark.parametrize("case", ["all_ignored", "only_id", "only_ood"])
-def test_empty_location_sets_never_give_nan(case):
+def test_empty_location_sets_never_give_nan(case, unpaired):
     model = SSOD(**TINY, num_classes=4, ood_head="mlp", ood_hidden=8, detectors=[MSP()])
     images, targets = torch.randn(3, 1, 16, 16), torch.tensor([0, 1, 3])
     out = model.net(images, locations=True)
@@ -126,7 +127,7 @@ def test_empty_location_sets_never_give_nan(case):
     fake = {"all_ignored": out.location_logits * 0, "only_id": picks * 20.0, "only_ood": (1 - picks) * 20.0}
     # the location logits keep their graph (through the backbone) but their values decide the masks
     loc = out.location_logits - out.location_logits.detach() + fake[case]
-    terms = ssod_loss(out._replace(location_logits=loc), targets)
+    terms = ssod_loss(out._replace(location_logits=loc), targets, unpaired=unpaired)
     n = 3 * 16
     assert (int(terms.n_id), int(terms.n_ood)) == {
         "all_ignored": (0, 0),
@@ -139,6 +140,8 @@ def test_empty_location_sets_never_give_nan(case):
         "only_id": 0.5 * -log_p[..., ID_INDEX].mean().item(),
         "only_ood": 0.5 * -log_p[..., OOD_INDEX].mean().item(),
     }[case]
+    if unpaired == "skip_batch":  # one kind only: no OOD term at all
+        expected = 0.0
     assert terms.ood.item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
     terms.loss.backward()
     assert torch.isfinite(terms.loss)
@@ -205,6 +208,7 @@ def test_a_map_smaller_than_2x2_is_rejected_with_a_way_out():
         ({"gamma": 1.0}, "gamma"),
         ({"alpha": -1.0}, "alpha"),
         ({"ood_head": "big"}, "ood_head"),
+        ({"unpaired": "keep"}, "unpaired"),
     ],
 )
 def test_bad_settings_name_the_key(kwargs, message):

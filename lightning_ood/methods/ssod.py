@@ -33,6 +33,7 @@ from lightning_ood.nets.ssod import (
     OOD_INDEX,
     OODHead,
     SSODNet,
+    Unpaired,
     check_map_size,
     feature_map_size,
     location_masks,
@@ -60,6 +61,9 @@ class SSOD(SupervisedMethod):
         alpha: weight of the OOD term (paper: 0.1 or 1).
         ood_head: ``"conv1x1"`` (a 1x1 convolution: one linear layer per location) or ``"mlp"`` (C -> 256 -> 2).
         ood_hidden: hidden width of the ``"mlp"`` head.
+        unpaired: a batch with ID but no OOD locations (or the reverse) contributes no OOD term
+            (``"skip_batch"``), or the half of the kind it has (``"skip_term"``); see
+            :func:`~lightning_ood.nets.ssod.ssod_loss`.
         pretrained / weights_path / backbone_kwargs: as for :class:`~lightning_ood.methods.Classifier`.
         optimizer / scheduler / scheduler_interval: injected by the config.
         label_smoothing: of the classification cross-entropy (0 = plain CE).
@@ -79,6 +83,7 @@ class SSOD(SupervisedMethod):
         alpha: float = 1.0,
         ood_head: OODHead = "conv1x1",
         ood_hidden: int = 256,
+        unpaired: Unpaired = "skip_batch",
         pretrained: bool = False,
         weights_path: str | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
@@ -97,6 +102,8 @@ class SSOD(SupervisedMethod):
             )
         if alpha < 0:
             raise ValueError(f"model.alpha must be >= 0, got {alpha}")
+        if unpaired not in ("skip_batch", "skip_term"):
+            raise ValueError(f"model.unpaired must be 'skip_batch' or 'skip_term', got {unpaired!r}")
         model = create_timm_model(
             backbone,
             num_classes=num_classes,
@@ -150,7 +157,7 @@ class SSOD(SupervisedMethod):
         images, targets = batch
         hp = self.hparams
         out = self.net(images, locations=True)
-        terms = ssod_loss(out, targets, hp.gamma, hp.alpha, hp.get("label_smoothing", 0.0))
+        terms = ssod_loss(out, targets, hp.gamma, hp.alpha, hp.get("label_smoothing", 0.0), hp.unpaired)
         acc = (out.logits.argmax(dim=1) == targets).float().mean()
         n = len(targets)
         step = {"on_step": True, "on_epoch": True, "batch_size": n}

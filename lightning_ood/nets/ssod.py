@@ -30,6 +30,8 @@ ID_INDEX = 1
 MIN_MAP_SIDE = 2
 
 OODHead = Literal["conv1x1", "mlp"]
+#: What a batch with only one kind of location (ID or OOD) contributes to the OOD term (:func:`ssod_loss`).
+Unpaired = Literal["skip_batch", "skip_term"]
 
 
 class SSODForward(NamedTuple):
@@ -154,17 +156,23 @@ def ssod_loss(
     gamma: float = 0.95,
     alpha: float = 1.0,
     label_smoothing: float = 0.0,
+    unpaired: Unpaired = "skip_batch",
 ) -> SSODLoss:
     """The SSOD training loss of one batch (the paper's joint objective).
 
     ``L = CE(W f + b, y) + alpha * 1/2 * [mean_{ID locations} CE(g(F_hw), ID) + mean_{OOD locations} CE(g(F_hw),
-    OOD)]`` with ``g`` the OOD head and the masks of :func:`location_masks`. A kind of location that does not
-    occur in the batch contributes no term (never a NaN); the other term keeps its weight ``alpha / 2``.
+    OOD)]`` with ``g`` the OOD head and the masks of :func:`location_masks`. Never a NaN: an empty mean is 0.
+    A batch with ID but no OOD locations, or OOD but no ID ones (``unpaired``):
+
+    - ``"skip_batch"`` (default): contributes no OOD term at all, so the head only ever learns from batches
+      holding both kinds, with both halves weighted equally;
+    - ``"skip_term"``: contributes the half of the kind it has (weight ``alpha / 2``).
 
     Args:
         out: a :class:`SSODForward` with the location outputs.
         targets: ``[B]`` class indices.
         gamma: mask threshold; alpha: weight of the OOD term; label_smoothing: of the pooled cross-entropy.
+        unpaired: ``"skip_batch"`` or ``"skip_term"``, see above.
     """
     if out.location_logits is None or out.location_ood_logits is None:
         raise ValueError("ssod_loss needs the per-location outputs: call SSODNet(x, locations=True)")
@@ -174,6 +182,10 @@ def ssod_loss(
     id_term = _masked_mean(-log_p[..., ID_INDEX], id_mask)
     ood_term = _masked_mean(-log_p[..., OOD_INDEX], ood_mask)
     ood = 0.5 * (id_term + ood_term)
+    if unpaired == "skip_batch":  # multiplied by 0 rather than dropped: the head stays in the graph (DDP)
+        ood = torch.where(id_mask.any() & ood_mask.any(), ood, ood * 0.0)
+    elif unpaired != "skip_term":
+        raise ValueError(f"unpaired must be 'skip_batch' or 'skip_term', got {unpaired!r}")
     return SSODLoss(ce + alpha * ood, ce, ood, id_mask.sum(), ood_mask.sum())
 
 
