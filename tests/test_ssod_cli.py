@@ -110,6 +110,22 @@ def test_fit_and_test_end_to_end_with_mask_pictures(tmp_path):
 
 
 @pytest.mark.slow
+def test_mask_pictures_reach_wandb(tmp_path):
+    args = [*TINY_SSOD, "--trainer.accelerator=cpu", "--trainer.devices=1"]
+    args += [
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        "--trainer.callbacks+=lightning_ood.callbacks.SSODMasks",
+    ]
+    cli = train(args)
+    run = cli.trainer.logger.experiment
+    assert type(cli.trainer.logger).__name__ == "WandbLogger"
+    keys = set(run.summary.keys())
+    assert {"test/ssod_masks", "train/n_id_locations_epoch", "test/gaussian/ssod/auroc"} <= keys
+    assert run.config["gamma"] == 0.95 and run.config["method"] == "ssod"
+    run.finish()
+
+
+@pytest.mark.slow
 def test_the_map_size_is_checked_for_the_data_image_size(tmp_path):
     args = [*TINY_SSOD, *NO_LOGGER, "--model.init_args.backbone=resnet10t", "--model.init_args.img_size=null"]
     with pytest.raises(ValueError, match=r"1x1 map on 16 px inputs \(data.image_size\)"):
