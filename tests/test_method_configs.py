@@ -18,6 +18,17 @@ SHRINK = {
         "--model.init_args.scheduler.init_args.warmup_steps=1",
     ],
     "classifier": [],
+    # ResNet-50 at 16 px: one narrow block per stage and output_stride 8 (a 2x2 map instead of 1x1)
+    "ssod_resnet50": [
+        "--model.init_args.img_size=16",
+        "--model.init_args.backbone_kwargs={layers: [1, 1, 1, 1], channels: [8, 8, 16, 16], output_stride: 8}",
+        "--model.init_args.ood_hidden=8",
+        "--model.init_args.scheduler.init_args.warmup_steps=1",
+    ],
+    "ssod": [  # the stride-4 ResNets: a 4x4 map on 16 px
+        "--model.init_args.img_size=16",
+        "--model.init_args.backbone_kwargs={channels: [8, 8, 16, 16]}",
+    ],
 }
 
 

@@ -1,5 +1,9 @@
-"""Plain ``nn.Module`` networks (no Lightning import)."""
+"""Plain ``nn.Module`` networks (no Lightning import).
 
+Importing this package registers the small-input ResNets of :mod:`lightning_ood.nets.small_resnet` with timm.
+"""
+
+from lightning_ood.nets import small_resnet  # noqa: F401  (registers resnet10t_os4, resnet18_os4 with timm)
 from lightning_ood.nets.timm_net import TimmNet, create_timm_model
 
 __all__ = ["TimmNet", "create_timm_model"]
