@@ -3,7 +3,8 @@
 from lightning_ood.contract import TestStepOutput
 from lightning_ood.methods.base import OODMethod
 from lightning_ood.methods.classifier import Classifier
+from lightning_ood.methods.frozen_encoder import FrozenEncoder
 from lightning_ood.methods.oodformer import OODformer
 from lightning_ood.methods.supervised import SupervisedMethod
 
-__all__ = ["Classifier", "OODMethod", "OODformer", "SupervisedMethod", "TestStepOutput"]
+__all__ = ["Classifier", "FrozenEncoder", "OODMethod", "OODformer", "SupervisedMethod", "TestStepOutput"]
