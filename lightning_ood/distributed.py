@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -50,3 +51,20 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast(tensor: Tensor, src: int = 0) -> Tensor:
+    """``tensor`` as rank ``src`` holds it, on every rank, in place (same shape and dtype on every rank); a
+    no-op outside distributed runs. Returns it."""
+    if _distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def gathered_order(n: int, world: int) -> np.ndarray:
+    """``[n]`` the dataset index of each row when every rank's rows from an :class:`UnpaddedDistributedSampler`
+    loader (``lightning_ood.data.samplers``: rank ``r`` of ``W`` takes ``r, r + W, ...``) over ``n``
+    samples are concatenated in rank order (as the detector fits and score gathers do)."""
+    return (
+        np.concatenate([np.arange(rank, n, world) for rank in range(world)]) if n else np.empty(0, np.int64)
+    )

@@ -32,3 +32,34 @@ def no_system_fmnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def fmnist_root(tmp_path: Path, no_system_fmnist: Path) -> str:
     write_fashion_mnist(tmp_path / "root" / "fashion-mnist")
     return str(tmp_path / "root")
+
+
+# -- tiny frozen encoders (tests/encoder_helpers.py), built once per session, no downloads ---------------------
+@pytest.fixture(scope="session")
+def timm_weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random timm ``test_vit`` (32 px) weights in a file, loaded like real weights."""
+    from encoder_helpers import TIMM_KWARGS, timm_weights
+
+    return timm_weights(tmp_path_factory.mktemp("timm"), **TIMM_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def clip_checkpoint_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registered tiny OpenCLIP architecture and a file with its random weights."""
+    pytest.importorskip("open_clip")
+    from encoder_helpers import clip_checkpoint
+
+    return clip_checkpoint(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def classifier_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A lightning-ood Classifier checkpoint (timm test_resnet, 2 steps on digits_tiny)."""
+    from encoder_helpers import classifier_checkpoint
+
+    previous = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[1])  # session fixtures run before the per-test chdir
+    try:
+        return classifier_checkpoint(tmp_path_factory.mktemp("classifier"))
+    finally:
+        os.chdir(previous)

@@ -1,9 +1,11 @@
-"""Every shipped YAML config parses and instantiates (no network: pretrained weights are switched off)."""
+"""Every shipped YAML config parses and instantiates (no network: pretrained weights are switched off, frozen
+encoders are swapped for tiny ones of the same kind)."""
 
 from pathlib import Path
 
 import pytest
 import yaml
+from encoder_helpers import ENCODER_FIXTURES, encoder_override, frozen_encoder_kind
 
 from lightning_ood.cli import OODCLI
 
@@ -25,6 +27,17 @@ def _no_pretrained(path: Path, group: str) -> list[str]:
     return ["--model.init_args.pretrained=false"] if "pretrained" in init else []
 
 
+def _tiny_encoder(path: Path, group: str, request: pytest.FixtureRequest) -> list[str]:
+    """A frozen-encoder config names weights that do not exist here: swap in a tiny encoder of the same kind."""
+    text = yaml.safe_load(path.read_text()) or {}
+    kind = frozen_encoder_kind(text.get("model", {}) if group == "full" else text)
+    if kind is None:
+        return []
+    if kind == "clip":
+        pytest.importorskip("open_clip")
+    return [encoder_override(kind, request.getfixturevalue(ENCODER_FIXTURES[kind]))]
+
+
 def _cases() -> list[tuple[str, Path]]:
     cases = [("full", p) for p in sorted(CONFIGS.glob("*.yaml"))]
     for group in ("data", "model", "trainer"):
@@ -33,13 +46,14 @@ def _cases() -> list[tuple[str, Path]]:
 
 
 @pytest.mark.parametrize(("group", "path"), _cases(), ids=lambda c: c if isinstance(c, str) else c.name)
-def test_config_instantiates(group: str, path: Path) -> None:
+def test_config_instantiates(group: str, path: Path, request: pytest.FixtureRequest) -> None:
     if group == "full":
         args = ["--config", str(path), "--trainer.logger=false", *CPU, *_no_pretrained(path, group)]
     elif group == "trainer":
         args = [*BASE, "--trainer", str(path), "--trainer.logger=false", *CPU]
     else:
         args = [*BASE, f"--{group}", str(path), *CPU, *_no_pretrained(path, group)]
+    args += _tiny_encoder(path, group, request) if group in ("full", "model") else []
     cli = OODCLI(args=args)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes

@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from cli_helpers import FAST, csv_logger, rows_by_key
+from encoder_helpers import ENCODER_FIXTURES, encoder_override, frozen_encoder_kind
 
-from lightning_ood.cli import train
+from lightning_ood.cli import evaluate, train
 
 MODELS = sorted((Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml"))
 #: Shrink each config to seconds on 16 px digits; everything else (optimiser, scheduler, detectors) is the config's.
@@ -33,7 +35,36 @@ SHRINK = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", MODELS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", [m for m in MODELS if m.stem.startswith("frozen")], ids=lambda p: p.stem)
+def test_frozen_encoder_config_evaluates_without_training(
+    config: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A frozen encoder is not trained: evaluate.py tests it as configured, here with a tiny encoder of the same
+    kind (timm / OpenCLIP) swapped in for the pretrained one."""
+    kind = frozen_encoder_kind(yaml.safe_load(config.read_text()))
+    if kind == "clip":
+        pytest.importorskip("open_clip")
+    tiny = encoder_override(kind, request.getfixturevalue(ENCODER_FIXTURES[kind]))
+    cli = evaluate(
+        [
+            "--data",
+            "configs/data/digits_tiny.yaml",
+            "--model",
+            str(config),
+            tiny,
+            *FAST,
+            *csv_logger(tmp_path),
+        ]
+    )
+    rows = rows_by_key(cli)
+    assert {d for d, _ in rows} == set(cli.model.score_names)
+    assert rows[(cli.model.score_names[0], "faces")]["id_acc"] is not None  # the linear probe classifies
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config", [m for m in MODELS if not m.stem.startswith("frozen")], ids=lambda p: p.stem
+)
 def test_method_config_fits_and_tests(config: Path, tmp_path: Path) -> None:
     shrink = next(v for k, v in SHRINK.items() if config.stem.startswith(k))
     cli = train(

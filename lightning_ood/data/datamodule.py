@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 
 from lightning_ood.contract import ID_KEY, OUTLIER_KEY
 from lightning_ood.data.datasets import (
+    RESERVED_NAMES,
     SOURCES,
     AuxSetSpec,
     IDSetSpec,
@@ -28,6 +29,7 @@ from lightning_ood.data.datasets import (
     resolve_split,
     select_classes,
 )
+from lightning_ood.data.derived import TestSetBuilder
 from lightning_ood.data.disjoint import check_aux_disjoint
 from lightning_ood.data.samplers import (
     CyclingDistributedSampler,
@@ -72,6 +74,9 @@ class OODDataModule(LightningDataModule):
         aux_batch_size: outliers per training batch (``None``: ``batch_size``).
         num_workers: DataLoader workers per loader.
         seed: seeds the ID train/val split, every limit subset and the shuffling order.
+        test_set_builders: test sets derived at test time from the data and the model under test (e.g.
+            :class:`~lightning_ood.attacks.AttackedSets`), appended to ``test_set_names`` after ``ood_sets``
+            and built the first time the test loaders are requested (see :mod:`lightning_ood.data.derived`).
     """
 
     def __init__(
@@ -96,11 +101,12 @@ class OODDataModule(LightningDataModule):
         aux_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        test_set_builders: list[TestSetBuilder] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
-            ignore=["train_transforms", "aux_transforms"]
-        )  # modules; the config keeps them
+            ignore=["train_transforms", "aux_transforms", "test_set_builders"]
+        )  # objects; the config keeps them
         self.id_set, self.ood_sets, self.aux_set = id_set, list(ood_sets or []), aux_set
         self.root, self.download, self.val_fraction, self.seed = root, download, val_fraction, seed
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
@@ -119,6 +125,8 @@ class OODDataModule(LightningDataModule):
             raise ValueError(f"channels must be 1 or 3, got {self._channels}")
         self._mean, self._std = self._per_channel(mean, "mean"), self._per_channel(std, "std")
         self._check_other_sets()
+        self.test_set_builders = list(test_set_builders or [])
+        self._derived_groups = self._derived_set_groups()
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         sizes = [
@@ -163,6 +171,17 @@ class OODDataModule(LightningDataModule):
             if aux is not None and _overlap(aux, spec):
                 raise ValueError(f"aux_set: same source and classes as {what}; aux outliers must be disjoint")
 
+    def _derived_set_groups(self) -> dict[str, str]:
+        """``{name: group}`` of the builders' sets; names unique across all test sets and not reserved."""
+        groups: dict[str, str] = {}
+        taken = {s.name for s in self.ood_sets}
+        for builder in self.test_set_builders:
+            for name, group in builder.set_groups(self.ood_sets).items():
+                if name in taken or name in groups or name in RESERVED_NAMES or "/" in name:
+                    raise ValueError(f"test_set_builders: set name {name!r} is taken, reserved or has a '/'")
+                groups[name] = group
+        return groups
+
     # ----------------------------------------------------------------------------------- properties
     @property
     def num_classes(self) -> int:
@@ -178,13 +197,14 @@ class OODDataModule(LightningDataModule):
 
     @property
     def test_set_names(self) -> list[str]:
-        """``["id", *OOD set names]``: the order of :meth:`test_dataloader` (``dataloader_idx``)."""
-        return ["id", *(s.name for s in self.ood_sets)]
+        """``["id", *OOD set names, *derived set names]``: the order of :meth:`test_dataloader`
+        (``dataloader_idx``)."""
+        return ["id", *(s.name for s in self.ood_sets), *self._derived_groups]
 
     @property
     def test_set_groups(self) -> dict[str, str]:
         """``{ood_set_name: "near" | "far"}``."""
-        return {s.name: s.group for s in self.ood_sets}
+        return {**{s.name: s.group for s in self.ood_sets}, **self._derived_groups}
 
     @property
     def dataset_name(self) -> str:
@@ -397,9 +417,37 @@ class OODDataModule(LightningDataModule):
         return self._unpadded(dataset) if len(dataset) else []
 
     def test_dataloader(self) -> list[DataLoader]:
-        """``[id_test, *ood_sets]`` in the order of :attr:`test_set_names`, not augmented."""
+        """``[id_test, *ood_sets, *derived sets]`` in the order of :attr:`test_set_names`, not augmented.
+
+        The first call builds the derived sets (``test_set_builders``) with the model under test.
+        """
         self._dataset_for("fit")  # fails clearly before setup
+        self._build_derived()
         return [self._unpadded(self._test_sets[name]) for name in self.test_set_names]
+
+    def _build_derived(self) -> None:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        for builder in self.test_set_builders:
+            expected = list(builder.set_groups(self.ood_sets))
+            if all(name in self._test_sets for name in expected):
+                continue
+            sets = builder.build(self, model)
+            if list(sets) != expected:
+                raise RuntimeError(f"{type(builder).__name__} built {list(sets)}, but declared {expected}")
+            self._test_sets.update(sets)
+            sizes = ", ".join(f"{name} ({len(d)})" for name, d in sets.items())
+            rank_zero_info(f"OODDataModule: derived test sets {sizes}")
+
+    def test_dataset(self, name: str) -> ImageDataset:
+        """The built test set ``name`` of :attr:`test_set_names` (uint8 or [0, 1] float images, targets)."""
+        if name not in self._test_sets:
+            raise KeyError(f"no built test set {name!r}; built: {sorted(self._test_sets)}")
+        return self._test_sets[name]
+
+    @property
+    def fit_dataset(self) -> ImageDataset:
+        """The ID training images detectors are fitted on (not augmented), in :meth:`fit_dataloader` order."""
+        return self._dataset_for("fit")
 
     def fit_dataloader(self) -> DataLoader:
         """ID **train** split, **not augmented**, not shuffled: for fitting detectors' statistics."""

@@ -13,6 +13,7 @@ from lightning_ood.detectors.base import (
 )
 from lightning_ood.detectors.class_mean import ClassMeanCosine, ClassMeanEuclidean
 from lightning_ood.detectors.knn import KNN
+from lightning_ood.detectors.linear_probe import LinearProbe
 from lightning_ood.detectors.logits import GEN, MSP, Energy, Entropy, MaxLogit
 from lightning_ood.detectors.mahalanobis import RMD, Mahalanobis
 from lightning_ood.detectors.odin import ODIN
@@ -32,6 +33,7 @@ __all__ = [
     "DetectorInputs",
     "Energy",
     "Entropy",
+    "LinearProbe",
     "Mahalanobis",
     "MaxLogit",
     "ModelOutputs",

@@ -3,8 +3,17 @@
 from lightning_ood.contract import TestStepOutput
 from lightning_ood.methods.base import OODMethod
 from lightning_ood.methods.classifier import Classifier
+from lightning_ood.methods.frozen_encoder import FrozenEncoder
 from lightning_ood.methods.oodformer import OODformer
 from lightning_ood.methods.ssod import SSOD
 from lightning_ood.methods.supervised import SupervisedMethod
 
-__all__ = ["SSOD", "Classifier", "OODMethod", "OODformer", "SupervisedMethod", "TestStepOutput"]
+__all__ = [
+    "SSOD",
+    "Classifier",
+    "FrozenEncoder",
+    "OODMethod",
+    "OODformer",
+    "SupervisedMethod",
+    "TestStepOutput",
+]

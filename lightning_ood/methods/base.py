@@ -229,8 +229,7 @@ class OODMethod(LightningModule):
         if not todo:
             return
         trainer = self._trainer
-        ckpt = trainer.ckpt_path if trainer is not None and self.detector_cache else None
-        key = self._cache_key(ckpt) if ckpt else ""
+        ckpt, key = self.fit_cache() if self.detector_cache else (None, "")
         if ckpt:  # every rank reads the cache: under multi-node DDP the checkpoint folder must be shared
             cached = {d.name for d in todo}
             todo = load_cached(todo, ckpt, key)
@@ -255,6 +254,13 @@ class OODMethod(LightningModule):
             rank_zero_info(f"Cached fitted detector statistics in {save_cache(todo, ckpt, key)}")
         if trainer is not None:
             trainer.strategy.barrier("lightning_ood_detector_fit")
+
+    def fit_cache(self) -> tuple[str | None, str]:
+        """``(anchor, key)``: fitted statistics are cached in ``<anchor>.detectors.pt`` under ``key``; ``(None,
+        "")``: no cache. Default: beside the tested checkpoint, keyed by its content and the fit's context."""
+        trainer = self._trainer
+        ckpt = trainer.ckpt_path if trainer is not None else None
+        return (ckpt, self._cache_key(ckpt)) if ckpt else (None, "")
 
     def _describe(self, batch: Any) -> tuple[DetectorInputs, Tensor]:
         trainer = self._trainer

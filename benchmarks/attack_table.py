@@ -1,0 +1,56 @@
+"""AUROC on clean vs attacked OOD images, from the ``ood_results.json`` of an attack run (docs/frozen_encoders.md).
+
+    python benchmarks/attack_table.py results/frozen_encoder/attack/ood_results.json
+
+Rows: scores (``knn`` has the attack targets in its bank, ``knn_without_targets`` not); columns: for each
+attacked set the AUROC of ``<set>_clean`` and of each attacked variant (``<set>_smooth``, ``<set>_patchy``), then
+the means over the attacked sets. Values in %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from lightning_ood.callbacks.results import read_results
+
+
+def attack_table(rows: list[dict]) -> str:
+    """Two Markdown tables of AUROC (%): per score the means over the attacked sets of each variant, then per
+    attacked set and variant every score."""
+    auroc = {(r["detector"], r["set"]): 100 * r["auroc"] for r in rows if r["kind"] == "set"}
+    names = list(dict.fromkeys(s for _, s in auroc))
+    scores = list(dict.fromkeys(d for d, _ in auroc))
+    sets = [s.removesuffix("_clean") for s in names if s.endswith("_clean")]
+    if not sets:
+        raise SystemExit("no attacked sets (<set>_clean) in the results")
+    suffixes = (s.removeprefix(f"{base}_") for base in sets for s in names if s.startswith(f"{base}_"))
+    variants = list(dict.fromkeys(["clean", *suffixes]))
+    lines = [f"Means over the {len(sets)} attacked sets ({', '.join(sets)}).", ""]
+    lines += ["| score | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    for det in scores:
+        means = [statistics.fmean(auroc[(det, f"{s}_{v}")] for s in sets) for v in variants]
+        lines.append(f"| {det} | " + " | ".join(f"{m:.1f}" for m in means) + " |")
+    lines += ["", "Per attacked set.", "", "| set | variant | " + " | ".join(scores) + " |"]
+    lines.append("|---|---|" + "---:|" * len(scores))
+    for base in sets:
+        for v in variants:
+            cells = " | ".join(f"{auroc[(d, f'{base}_{v}')]:.1f}" for d in scores)
+            lines.append(f"| {base} | {v} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("file", type=Path)
+    args = parser.parse_args()
+    run, rows = read_results(args.file)
+    print(f"#### Feature-matching attack ({run.get('backbone', '')}), AUROC % clean vs attacked\n")
+    print(attack_table(rows))
+
+
+if __name__ == "__main__":
+    main()
