@@ -11,6 +11,7 @@ from cli_helpers import FAST, TINY, csv_logger, rows_by_key
 from toy_method import FrozenProbe
 
 from lightning_ood.cli import OODCLI, evaluate, train
+from lightning_ood.data import IDSetSpec
 from lightning_ood.detectors import ASH, KNN, MSP, Energy, Mahalanobis, ReAct, ViM
 from lightning_ood.detectors.fitting import cache_path
 from lightning_ood.frozen import file_sha256
@@ -213,3 +214,39 @@ def test_frozen_classifier_stays_frozen_and_out_of_checkpoints(two_epochs, tmp_p
 def test_untrained_head_is_refused_without_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="without --ckpt_path"):
         evaluate([*TINY, *FAST, *csv_logger(tmp_path)])
+
+
+def test_fit_cache_key_changes_with_every_setting_that_shapes_the_features(tmp_path):
+    """Each part of the key on its own: data settings, precision, a method setting; not training-only ones."""
+    from types import SimpleNamespace
+
+    from data_helpers import tiny as tiny_datamodule  # tests/data_helpers.py
+
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"weights")
+    model = Classifier(backbone="test_resnet", in_chans=1, detectors=[Mahalanobis()])
+
+    def key(precision: str = "32-true", **data: object) -> str:
+        model._trainer = SimpleNamespace(datamodule=tiny_datamodule(**data), precision=precision)
+        return model._cache_key(str(ckpt))
+
+    base = key()
+    assert key() == base
+    for change in (
+        {"seed": 1},
+        {"val_fraction": 0.2},
+        {"train_limit": 50},
+        {"image_size": 12},
+        {"channels": 3},
+        {"mean": 0.4},
+        {"std": 0.3},
+        {"id_set": IDSetSpec("digits", classes=[0, 1, 2])},
+    ):
+        assert key(**change) != base, change
+    assert key(precision="bf16-mixed") != base
+    model.hparams["resize_input"] = True  # a setting that changes the features of the same weights
+    assert key() != base
+    del model.hparams["resize_input"]
+    model.hparams["label_smoothing"] = 0.3  # training-only: the same features
+    assert key() == base
+    model._trainer = None
