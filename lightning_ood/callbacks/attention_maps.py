@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from lightning_ood.callbacks.plots import save_figure
-from lightning_ood.callbacks.run_dir import run_dir
+from lightning_ood.callbacks.test_pictures import TestPictures, denormalise
 from lightning_ood.nets.vit import upsample_map
 
 
@@ -28,7 +27,7 @@ class AttentionModel(Protocol):
         ...
 
 
-class AttentionMaps(Callback):
+class AttentionMaps(TestPictures):
     """Saves [CLS] attention-rollout overlays of the first ``num_images`` images of each test set.
 
     Images come from the first test batches that rank 0 sees (no extra data pass), are denormalised with the
@@ -45,6 +44,9 @@ class AttentionMaps(Callback):
         output_dir: where to write (default: the run's log directory).
     """
 
+    key = "test/attention"
+    prefix = "attention_"
+
     def __init__(
         self,
         num_images: int = 6,
@@ -53,17 +55,11 @@ class AttentionMaps(Callback):
         cmap: str = "jet",
         output_dir: str | None = None,
     ) -> None:
-        if num_images < 1:
-            raise ValueError(f"AttentionMaps num_images must be >= 1, got {num_images}")
+        super().__init__(num_images, sets, output_dir)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"AttentionMaps alpha must be in [0, 1], got {alpha}")
-        self.num_images = num_images
-        self.sets = sets
         self.alpha = alpha
         self.cmap = cmap
-        self.output_dir = output_dir
-        self.paths: list[Path] = []
-        self._images: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         # Fail before training, not after it.
@@ -73,67 +69,19 @@ class AttentionMaps(Callback):
                 "has none. Remove the callback from trainer.callbacks."
             )
 
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        dm = trainer.datamodule
-        missing = [a for a in ("test_set_names", "mean", "std") if not hasattr(dm, a)]
-        if missing:
-            raise RuntimeError(
-                f"AttentionMaps needs a datamodule with {missing} (lightning_ood OODDataModule)"
-            )
-        names = list(dm.test_set_names)
-        unknown = sorted(set(self.sets or []) - set(names))
-        if unknown:
-            raise ValueError(f"AttentionMaps sets: {unknown} are not test sets; available: {names}")
-        self._names = names
-        self._images = {}
-        self.paths = []
-
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not trainer.is_global_zero or (
-            self.sets is not None and self._names[dataloader_idx] not in self.sets
-        ):
-            return
-        kept = self._images.setdefault(dataloader_idx, [])
-        room = self.num_images - sum(len(k[0]) for k in kept)
-        if room > 0:
-            images, targets = batch[0][:room], batch[1][:room]
-            preds = outputs.preds[:room] if hasattr(outputs, "preds") else torch.full_like(targets, -1)
-            kept.append((images.detach().cpu(), targets.detach().cpu(), preds.detach().cpu()))
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        directory = Path(self.output_dir) if self.output_dir else run_dir(trainer)  # collective
-        if not trainer.is_global_zero:
-            return
-        dm = trainer.datamodule
-        mean = torch.tensor(dm.mean).view(1, -1, 1, 1)
-        std = torch.tensor(dm.std).view(1, -1, 1, 1)
-        classes = list(getattr(dm, "class_names", None) or [])
-        for idx in sorted(self._images):
-            images, targets, preds = (torch.cat(parts) for parts in zip(*self._images[idx], strict=True))
+    def draw(self, trainer: Trainer, pl_module: LightningModule, directory: Path) -> list[Path]:
+        classes = list(getattr(trainer.datamodule, "class_names", None) or [])
+        paths = []
+        for name, images, targets, preds in self.collected():
             with torch.no_grad():
                 maps = pl_module.cls_attention(images.to(pl_module.device)).float().cpu()
             heat = upsample_map(maps, tuple(images.shape[-2:]))
-            pixels = (images.float() * std + mean).clamp(0, 1)
-            name = self._names[idx]
+            pixels = denormalise(images, trainer.datamodule)
             labels = [_caption(int(t), int(p), classes) for t, p in zip(targets, preds, strict=True)]
-            fig = self._figure(name, pixels, heat, labels)
-            self.paths.append(save_figure(fig, directory / "plots" / f"attention_{name}.png"))
-        self._images = {}
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and self.paths:
-                logger.log_image(
-                    key="test/attention",
-                    images=[str(p) for p in self.paths],
-                    caption=[p.stem.removeprefix("attention_") for p in self.paths],
-                )
+            paths.append(
+                save_figure(self._figure(name, pixels, heat, labels), directory / f"attention_{name}.png")
+            )
+        return paths
 
     def _figure(self, name: str, pixels: Tensor, heat: Tensor, labels: list[str]) -> plt.Figure:
         """Two rows per set: the images, then the rollout heat map over them."""

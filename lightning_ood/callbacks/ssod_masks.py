@@ -10,13 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from lightning_ood.callbacks.plots import save_figure
-from lightning_ood.callbacks.run_dir import run_dir
+from lightning_ood.callbacks.test_pictures import TestPictures, denormalise
 
 #: Overlay colours (RGB) of ID and OOD locations.
 ID_COLOUR, OOD_COLOUR = (0.0, 0.8, 0.0), (0.9, 0.0, 0.0)
@@ -32,7 +30,7 @@ class LocationMaskModel(Protocol):
         ...
 
 
-class SSODMasks(Callback):
+class SSODMasks(TestPictures):
     """Saves, for a few training images and the first images of each test set, SSOD's location masks.
 
     Each picture has three rows: the image; the image with its ID locations (green: the class's probability at
@@ -51,6 +49,9 @@ class SSODMasks(Callback):
         output_dir: where to write (default: the run's log directory).
     """
 
+    key = "test/ssod_masks"
+    prefix = "ssod_masks_"
+
     def __init__(
         self,
         num_images: int = 6,
@@ -59,17 +60,11 @@ class SSODMasks(Callback):
         alpha: float = 0.45,
         output_dir: str | None = None,
     ) -> None:
-        if num_images < 1:
-            raise ValueError(f"SSODMasks num_images must be >= 1, got {num_images}")
+        super().__init__(num_images, sets, output_dir)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"SSODMasks alpha must be in [0, 1], got {alpha}")
-        self.num_images = num_images
-        self.sets = sets
         self.train = train
         self.alpha = alpha
-        self.output_dir = output_dir
-        self.paths: list[Path] = []
-        self._images: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not isinstance(pl_module, LocationMaskModel):  # fail before training, not after it
@@ -78,55 +73,16 @@ class SSODMasks(Callback):
                 "has none. Remove the callback from trainer.callbacks."
             )
 
-    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        dm = trainer.datamodule
-        missing = [a for a in ("test_set_names", "mean", "std") if not hasattr(dm, a)]
-        if missing:
-            raise RuntimeError(f"SSODMasks needs a datamodule with {missing} (lightning_ood OODDataModule)")
-        self._names = list(dm.test_set_names)
-        unknown = sorted(set(self.sets or []) - set(self._names))
-        if unknown:
-            raise ValueError(f"SSODMasks sets: {unknown} are not test sets; available: {self._names}")
-        self._images = {}
-        self.paths = []
-
-    def on_test_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        if not trainer.is_global_zero or (
-            self.sets is not None and self._names[dataloader_idx] not in self.sets
-        ):
-            return
-        kept = self._images.setdefault(dataloader_idx, [])
-        room = self.num_images - sum(len(k[0]) for k in kept)
-        if room > 0:
-            kept.append((batch[0][:room].detach().cpu(), batch[1][:room].detach().cpu()))
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        directory = Path(self.output_dir) if self.output_dir else run_dir(trainer)  # collective
-        if not trainer.is_global_zero:
-            return
+    def draw(self, trainer: Trainer, pl_module: LightningModule, directory: Path) -> list[Path]:
         pictures = [("train", *self._train_images(trainer))] if self.train else []
-        for idx in sorted(self._images):
-            images, labels = (torch.cat(parts) for parts in zip(*self._images[idx], strict=True))
-            pictures.append((self._names[idx], images, labels))
-        self._images = {}
-        for name, images, labels in pictures:
-            fig = self._figure(name, pl_module, images, labels, trainer.datamodule)
-            self.paths.append(save_figure(fig, directory / "plots" / f"ssod_masks_{name}.png"))
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and self.paths:
-                logger.log_image(
-                    key="test/ssod_masks",
-                    images=[str(p) for p in self.paths],
-                    caption=[p.stem.removeprefix("ssod_masks_") for p in self.paths],
-                )
+        pictures += [(name, images, targets) for name, images, targets, _ in self.collected()]
+        return [
+            save_figure(
+                self._figure(name, pl_module, images, labels, trainer.datamodule),
+                directory / f"ssod_masks_{name}.png",
+            )
+            for name, images, labels in pictures
+        ]
 
     def _train_images(self, trainer: Trainer) -> tuple[Tensor, Tensor]:
         """``num_images`` evenly spaced ID training images (not augmented) and their labels."""
@@ -143,9 +99,7 @@ class SSODMasks(Callback):
         id_mask, ood_mask, p_id = (
             t.cpu() for t in pl_module.location_maps(images.to(pl_module.device), labels.to(pl_module.device))
         )
-        mean = torch.tensor(dm.mean).view(1, -1, 1, 1)
-        std = torch.tensor(dm.std).view(1, -1, 1, 1)
-        pixels = (images.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        pixels = denormalise(images, dm).permute(0, 2, 3, 1).numpy()
         classes = list(getattr(dm, "class_names", None) or [])
         n = len(images)
         fig, axes = plt.subplots(3, n, figsize=(1.8 * n, 5.6), squeeze=False)
