@@ -25,7 +25,7 @@ from lightning_ood.data import (
     sources,
     sources_torchvision,
 )
-from lightning_ood.data import datamodule as datamodule_module
+from lightning_ood.data import loaders as loaders_module
 from lightning_ood.data.datasets import SOURCES
 from lightning_ood.data.transforms import format_images
 
@@ -279,7 +279,7 @@ def test_eval_loaders_shard_without_padding_under_ddp(monkeypatch: pytest.Monkey
     assert [len(t) for _, t in full[2:]] == [25, 30, 23]
     shards = []
     for rank in range(3):
-        monkeypatch.setattr(datamodule_module, "distributed_world", lambda rank=rank: (rank, 3))
+        monkeypatch.setattr(loaders_module, "distributed_world", lambda rank=rank: (rank, 3))
         loaders = [dm.fit_dataloader(), dm.val_dataloader(), *dm.test_dataloader()]
         assert all(isinstance(dl.sampler, UnpaddedDistributedSampler) for dl in loaders)
         shards.append([all_batches(dl) for dl in loaders])

@@ -1,4 +1,4 @@
-"""Exact OOD metrics against scikit-learn (the independent reference of design.md 1.2)."""
+"""Exact OOD metrics against scikit-learn (the independent references listed in the README, Conventions -> Metrics)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def finite_stand_ins(scores: np.ndarray) -> np.ndarray:
 
 
 def sklearn_reference(scores: np.ndarray, is_ood: np.ndarray) -> dict[str, float]:
-    """The reference formulas of design.md 1.2, verbatim."""
+    """The scikit-learn reference formulas of the README's metric table, verbatim."""
     s, y = finite_stand_ins(np.asarray(scores, dtype=np.float64)), np.asarray(is_ood)
     fpr_in, tpr_in, _ = skm.roc_curve(1 - y, -s, drop_intermediate=False)
     fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)

@@ -11,18 +11,18 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from lightning_ood.contract import ID_KEY, OUTLIER_KEY
 from lightning_ood.data.datasets import (
-    RESERVED_NAMES,
     SOURCES,
     AuxSetSpec,
     IDSetSpec,
     ImageDataset,
     OODSetSpec,
     derived_rng,
+    folder_dataset,
     limit_indices,
     load_split,
     make_images,
@@ -31,13 +31,12 @@ from lightning_ood.data.datasets import (
 )
 from lightning_ood.data.derived import TestSetBuilder
 from lightning_ood.data.disjoint import check_aux_disjoint
+from lightning_ood.data.loaders import LoaderFactory
 from lightning_ood.data.samplers import (
-    CyclingDistributedSampler,
-    UnpaddedDistributedSampler,
     distributed_world,
 )
+from lightning_ood.data.set_checks import check_other_sets, derived_set_groups, text_table
 from lightning_ood.data.sources import RawSet
-from lightning_ood.data.sources_torchvision import imagefolder
 from lightning_ood.data.transforms import NormalizeCollate, default_augmentation
 
 Augment = Callable[[Tensor], Tensor] | None
@@ -104,19 +103,15 @@ class OODDataModule(LightningDataModule):
         test_set_builders: list[TestSetBuilder] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(
-            ignore=["train_transforms", "aux_transforms", "test_set_builders"]
-        )  # objects; the config keeps them
+        # transforms and builders are objects; the CLI's config keeps them
+        self.save_hyperparameters(ignore=["train_transforms", "aux_transforms", "test_set_builders"])
         self.id_set, self.ood_sets, self.aux_set = id_set, list(ood_sets or []), aux_set
         self.root, self.download, self.val_fraction, self.seed = root, download, val_fraction, seed
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.aux_batch_size = aux_batch_size or batch_size
-        self.num_workers, self.augmentation, self.aux_augmentation = (
-            num_workers,
-            train_transforms,
-            aux_transforms,
-        )
+        self.num_workers = num_workers
+        self.augmentation, self.aux_augmentation = train_transforms, aux_transforms
         native = SOURCES[id_set.source]
         self._num_classes = id_set.class_count
         self._channels = self._native(channels, native.channels, "channels")
@@ -124,23 +119,25 @@ class OODDataModule(LightningDataModule):
         if self._channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self._channels}")
         self._mean, self._std = self._per_channel(mean, "mean"), self._per_channel(std, "std")
-        self._check_other_sets()
+        check_other_sets(self.id_set, self.ood_sets, self.aux_set)
         self.test_set_builders = list(test_set_builders or [])
-        self._derived_groups = self._derived_set_groups()
+        self._derived_groups = derived_set_groups(self.test_set_builders, self.ood_sets)
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        sizes = [
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-            ("aux_batch_size", aux_batch_size),
-        ]
-        for key, value in [*((f"{k}_limit", v) for k, v in self.limits.items()), *sizes]:
+        sizes = {
+            "batch_size": batch_size,
+            "eval_batch_size": eval_batch_size,
+            "aux_batch_size": aux_batch_size,
+        }
+        for key, value in [*((f"{k}_limit", v) for k, v in self.limits.items()), *sizes.items()]:
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be a positive integer or null, got {value}")
         self._splits: dict[str, ImageDataset] = {}  # train, val, fit (train, not augmented), aux
         self._test_sets: dict[str, ImageDataset] = {}  # keyed by test_set_names
         self._class_names: list[str] | None = None
-        self._collate = NormalizeCollate(self._mean, self._std)
+        self._loaders = LoaderFactory(
+            NormalizeCollate(self._mean, self._std), num_workers, self.eval_batch_size, seed
+        )
         self._predict: tuple[list[Path], ImageDataset] | None = None
 
     # ----------------------------------------------------------------------------------- config checks
@@ -156,31 +153,6 @@ class OODDataModule(LightningDataModule):
                 f"{key} needs 1 or {self._channels} values (channels={self._channels}), got {value}"
             )
         return tuple(float(v) for v in values)
-
-    def _check_other_sets(self) -> None:
-        """Checks across sets (each spec checks itself): unique names; no OOD or aux set that shares a source
-        and classes with the ID set; aux outliers disjoint from every test OOD set."""
-        names = [s.name for s in self.ood_sets]
-        for spec in self.ood_sets:
-            if names.count(spec.name) > 1:
-                raise ValueError(f"ood_sets: names must be unique, got {names}")
-            if _overlap(spec, self.id_set):
-                raise ValueError(f"OOD set {spec.name!r}: same source and classes as the ID set")
-        aux = self.aux_set
-        for spec, what in [(self.id_set, "the ID set"), *((s, f"OOD set {s.name!r}") for s in self.ood_sets)]:
-            if aux is not None and _overlap(aux, spec):
-                raise ValueError(f"aux_set: same source and classes as {what}; aux outliers must be disjoint")
-
-    def _derived_set_groups(self) -> dict[str, str]:
-        """``{name: group}`` of the builders' sets; names unique across all test sets and not reserved."""
-        groups: dict[str, str] = {}
-        taken = {s.name for s in self.ood_sets}
-        for builder in self.test_set_builders:
-            for name, group in builder.set_groups(self.ood_sets).items():
-                if name in taken or name in groups or name in RESERVED_NAMES or "/" in name:
-                    raise ValueError(f"test_set_builders: set name {name!r} is taken, reserved or has a '/'")
-                groups[name] = group
-        return groups
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -349,16 +321,11 @@ class OODDataModule(LightningDataModule):
         for name, group, spec, dataset in others:
             split = resolve_split(spec.source, spec.split, name)
             rows.append((name, group, spec.source, split, str(len(dataset))))
-        widths = [max(len(row[k]) for row in rows) for k in range(5)]
-        lines = [
-            "  ".join([*(c.ljust(w) for c, w in zip(r[:4], widths[:4], strict=True)), r[4].rjust(widths[4])])
-            for r in rows
-        ]
         head = (
             f"OODDataModule: ID {self.dataset_name} ({self._num_classes} classes), images "
             f"{self._channels}x{self._image_size}x{self._image_size}, mean {self._mean}, std {self._std}"
         )
-        return "\n".join([head, *("  " + line for line in lines)])
+        return text_table(head, rows)
 
     # ----------------------------------------------------------------------------------- loaders
     def _dataset_for(self, key: str) -> ImageDataset:
@@ -367,54 +334,25 @@ class OODDataModule(LightningDataModule):
             raise RuntimeError("call setup() before asking for dataloaders")
         return self._build_aux() if key == "aux" else self._splits[key]
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: object) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            collate_fn=self._collate,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            **kwargs,  # type: ignore[arg-type]
-        )
-
-    def _shuffled(self, dataset: Dataset, key: str, batch_size: int) -> DataLoader:
-        seed = int(derived_rng(self.seed, key).integers(2**62))
-        return self._loader(dataset, batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-
-    def _unpadded(self, dataset: Dataset) -> DataLoader:
-        """Sample-exact under DDP: every image goes to exactly one rank (design contract 1.5)."""
-        rank, world = distributed_world()
-        sampler = UnpaddedDistributedSampler(dataset, num_replicas=world, rank=rank) if world > 1 else None
-        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler)
-
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         """ID train split, augmented, shuffled (Lightning inserts its DistributedSampler under DDP).
 
         For a method that trains with outliers: ``CombinedLoader({"id": ..., "outliers": ...})`` whose epoch is
         the ID loader's (see the class docstring).
         """
-        id_loader = self._shuffled(self._dataset_for("train"), "shuffle/train", self.batch_size)
+        id_loader = self._loaders.shuffled(self._dataset_for("train"), "shuffle/train", self.batch_size)
         module = self.trainer.lightning_module if self.trainer is not None else None
         if not getattr(module, "uses_outliers", False):
             return id_loader
-        return CombinedLoader({ID_KEY: id_loader, OUTLIER_KEY: self._outlier_loader()}, mode="min_size")
-
-    def _outlier_loader(self) -> DataLoader:
-        """Outliers for as many training batches per rank as the ID loader gives (it cycles the aux set)."""
-        rank, world = distributed_world()
-        id_per_rank = -(-len(self._dataset_for("train")) // world)  # DistributedSampler pads to ceil(n / W)
-        batches = -(-id_per_rank // self.batch_size)
-        seed = int(derived_rng(self.seed, "shuffle/outliers").integers(2**31))
-        sampler = CyclingDistributedSampler(
-            self._dataset_for("aux"), batches * self.aux_batch_size, num_replicas=world, rank=rank, seed=seed
+        outliers = self._loaders.cycling(
+            self._dataset_for("aux"), self.aux_batch_size, len(self._dataset_for("train")), self.batch_size
         )
-        return self._loader(self._dataset_for("aux"), self.aux_batch_size, sampler=sampler)
+        return CombinedLoader({ID_KEY: id_loader, OUTLIER_KEY: outliers}, mode="min_size")
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """ID validation split, not augmented; ``[]`` when ``val_fraction`` is 0."""
         dataset = self._dataset_for("val")
-        return self._unpadded(dataset) if len(dataset) else []
+        return self._loaders.unpadded(dataset) if len(dataset) else []
 
     def test_dataloader(self) -> list[DataLoader]:
         """``[id_test, *ood_sets, *derived sets]`` in the order of :attr:`test_set_names`, not augmented.
@@ -423,7 +361,7 @@ class OODDataModule(LightningDataModule):
         """
         self._dataset_for("fit")  # fails clearly before setup
         self._build_derived()
-        return [self._unpadded(self._test_sets[name]) for name in self.test_set_names]
+        return [self._loaders.unpadded(self._test_sets[name]) for name in self.test_set_names]
 
     def _build_derived(self) -> None:
         model = self.trainer.lightning_module if self.trainer is not None else None
@@ -451,7 +389,7 @@ class OODDataModule(LightningDataModule):
 
     def fit_dataloader(self) -> DataLoader:
         """ID **train** split, **not augmented**, not shuffled: for fitting detectors' statistics."""
-        return self._unpadded(self._dataset_for("fit"))
+        return self._loaders.unpadded(self._dataset_for("fit"))
 
     def aux_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Auxiliary outliers (targets ``-1``), augmented, shuffled, a different order on every DDP rank.
@@ -461,7 +399,7 @@ class OODDataModule(LightningDataModule):
         ``aux_batch_size``) per step.
         """
         rank, _ = distributed_world()
-        return self._shuffled(
+        return self._loaders.shuffled(
             self._dataset_for("aux"), f"shuffle/aux/{rank}", batch_size or self.aux_batch_size
         )
 
@@ -484,12 +422,8 @@ class OODDataModule(LightningDataModule):
     def set_predict_images(self, path: str | Path) -> list[Path]:
         """Serve every image under ``path`` (recursively, sorted) from :meth:`predict_dataloader`, converted and
         normalised like the test sets; each batch's targets are the images' row indices into the returned list."""
-        raw = imagefolder(str(path), root=self.root)
-        files = list(raw.images)
-        idx = np.arange(len(files))
-        images = make_images(raw, idx, self._channels, self._image_size)
-        self._predict = (files, ImageDataset(images, torch.from_numpy(idx).long()))
-        return files
+        self._predict = folder_dataset(path, self.root, self._channels, self._image_size)
+        return self._predict[0]
 
     @property
     def predict_paths(self) -> list[Path]:
@@ -502,11 +436,4 @@ class OODDataModule(LightningDataModule):
         """The images given to :meth:`set_predict_images`, not augmented, each scored exactly once under DDP."""
         if self._predict is None:
             raise RuntimeError("call set_predict_images(path) before asking for the predict dataloader")
-        return self._unpadded(self._predict[1])
-
-
-def _overlap(a: IDSetSpec | OODSetSpec | AuxSetSpec, b: IDSetSpec | OODSetSpec | AuxSetSpec) -> bool:
-    """Whether two sets draw from the same source with common classes (``classes=None``: all of them)."""
-    if a.source != b.source or a.options != b.options:
-        return False
-    return a.classes is None or b.classes is None or bool(set(a.classes) & set(b.classes))
+        return self._loaders.unpadded(self._predict[1])

@@ -308,3 +308,14 @@ class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         image = self.images[i]
         return (self.augment(image) if self.augment is not None else image), self.targets[i]
+
+
+def folder_dataset(
+    path: str | Path, root: str | None, channels: int, size: int
+) -> tuple[list[Path], ImageDataset]:
+    """Every image under ``path`` (recursively, sorted; relative: under ``root``) as ``channels`` x ``size`` x
+    ``size`` images whose targets are their row indices into the returned file list (for scoring a folder)."""
+    raw = imagefolder(str(path), root=root)
+    files = list(raw.images)
+    idx = np.arange(len(files))
+    return files, ImageDataset(make_images(raw, idx, channels, size), torch.from_numpy(idx).long())

@@ -1,4 +1,4 @@
-"""Samplers: sample-exact distributed evaluation (design contract 1.5), and outliers cycled beside ID data."""
+"""Samplers: sample-exact distributed evaluation (README, Conventions), and outliers cycled beside ID data."""
 
 from __future__ import annotations
 

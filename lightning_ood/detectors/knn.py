@@ -29,8 +29,8 @@ class KNN(Detector):
     function of Sun et al.'s k-th nearest Euclidean distance ``||z* - z*_(k)|| = sqrt(2 - 2 cos_(k))``.
     Higher = more OOD; range ``[-1, 1]``. Ties are harmless: the k-th largest *value* is unique.
 
-    Fitting keeps every normalised ID-train feature (the bank is not a sufficient statistic, so contract 1.4's
-    float64 accumulation does not apply: features are stored in ``bank_dtype``, float32 by default as faiss
+    Fitting keeps every normalised ID-train feature (the bank is not a sufficient statistic, so the float64
+    accumulation of the other fits does not apply: features are stored in ``bank_dtype``, float32 by default as faiss
     does; until ``finalize`` they are kept as float32, or float64 for a float64 bank). ``finalize`` gathers
     the per-rank banks once (:func:`~lightning_ood.detectors.gather.gather_rows`; a rank that got no fit
     batch sends an empty ``[0, D]`` bank), so a DDP fit gives the same bank rows, in rank order, as a

@@ -1,4 +1,4 @@
-"""``OODMethod``: the contract every lightning-ood method fits (design contract 1.9).
+"""``OODMethod``: the contract every lightning-ood method fits (README, "Extending -> a method").
 
 A method is a LightningModule that runs its network once per test batch (:meth:`OODMethod.forward_outputs`)
 and hands the outputs to every configured detector and to its own scores (:meth:`OODMethod.native_scores`).

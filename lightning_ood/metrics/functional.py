@@ -1,4 +1,4 @@
-"""Exact OOD detection metrics as pure functions (design.md section 1.2).
+"""Exact OOD detection metrics as pure functions (definitions: README, Conventions -> Metrics).
 
 Conventions shared by every function here:
 
@@ -132,7 +132,7 @@ def _fpr_at_tpr(fps: Tensor, tps: Tensor, tpr_level: float) -> float:
 
 
 def ood_metrics(scores: ArrayLike, is_ood: ArrayLike, set_name: str = "scores") -> dict[str, float]:
-    """The six OOD metrics of design.md 1.2 for one ID set against one OOD set, exact and tie-aware.
+    """The six OOD metrics of the README (Conventions -> Metrics), one ID set against one OOD set, exact, tie-aware.
 
     * ``auroc``: P(s_ood > s_id) + ½·P(s_ood = s_id) (Hendrycks & Gimpel, ICLR 2017).
     * ``aupr_in`` / ``aupr_out``: step-wise average precision with ID / OOD as the positive class
