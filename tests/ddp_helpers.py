@@ -6,6 +6,11 @@ rank order. ``fn`` must be a module-level function (it is pickled by reference) 
 ``torch.save`` can write. A collective that never completes (a deadlock) fails the test after ``timeout``
 seconds instead of hanging it: gloo's own timeout raises in the waiting process, and the parent terminates
 any process still alive at the deadline.
+
+A worker killed by a signal *after* every rank has saved its result and passed the final barrier died in
+gloo's teardown (``destroy_process_group``, interpreter exit), not in the code under test; on a loaded
+machine gloo occasionally aborts there ("terminate called without an active exception"). ``run_ddp`` then
+warns and returns the saved results. A worker that dies before saving its result still fails the test.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,8 +51,27 @@ def _entry(
     try:
         result = fn(rank, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # No rank tears its connections down while another may still be talking to it.
+        dist.barrier()
+        Path(out_dir, f"done{rank}").touch()
     finally:
         dist.destroy_process_group()
+
+
+def _join(context: mp.ProcessContext, out_dir: str, world_size: int, deadline: float) -> bool:
+    """``context.join`` until ``deadline``; a teardown crash after every rank saved its result is only a warning."""
+    try:
+        return context.join(timeout=max(0.0, deadline - time.monotonic()))
+    except mp.ProcessExitedException as error:
+        saved = all((Path(out_dir) / f"done{rank}").exists() for rank in range(world_size))
+        if error.signal_name is None or not saved:
+            raise
+        warnings.warn(
+            f"gloo teardown crashed after every rank finished ({error}); results kept", stacklevel=2
+        )
+        for process in context.processes:
+            process.join(5)
+        return True
 
 
 def run_ddp(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 60.0) -> list[Any]:
@@ -67,7 +92,7 @@ def run_ddp(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: fl
             start_method="spawn",
         )
         deadline = time.monotonic() + timeout
-        while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        while not _join(context, out_dir, world_size, deadline):
             if time.monotonic() >= deadline:
                 for process in context.processes:
                     if process.is_alive():
