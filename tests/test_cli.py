@@ -69,9 +69,25 @@ def test_evaluate_with_other_detectors_than_trained(trained, tmp_path):
         '"name": "maha_class"}}, {"class_path": "lightning_ood.detectors.KNN", "init_args": {"k": 5}}]'
     )
     ev = evaluate(
-        [*TINY, *FAST, *_csv_logger(tmp_path), f"--ckpt_path={ckpt}", f"--model.init_args.detectors={dets}"]
+        [
+            *TINY,
+            *FAST,
+            *_csv_logger(tmp_path),
+            f"--ckpt_path={ckpt}",
+            f"--model.init_args.detectors={dets}",
+            "--ood_eval.bootstrap=200",
+        ]
     )
-    assert {r["detector"] for r in eval_callback(ev).rows} == {"maha_class", "knn"}
+    rows = eval_callback(ev).rows
+    assert {r["detector"] for r in rows} == {"maha_class", "knn"}
+    # bootstrap intervals in every row, in the files and in the logged metrics
+    out = eval_callback(ev).output_path
+    assert read_results(out / "ood_results.json")[1] == rows
+    assert "auroc_lo,auroc_hi,fpr95_idpos_lo" in (out / "ood_results.csv").read_text().splitlines()[0]
+    for row in rows:
+        for key in ("auroc", "fpr95_idpos", "fpr95_oodpos"):
+            assert 0.0 <= row[f"{key}_lo"] <= row[f"{key}_hi"] <= 1.0, (row["set"], key)
+    assert "test/all/knn/auroc_hi" in ev.trainer.callback_metrics
 
 
 def test_wandb_offline_run_holds_metrics(tmp_path):

@@ -9,14 +9,16 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from rich.console import Console
+from rich.progress import track
 from rich.table import Table
 
 from lightning_ood.callbacks.plots import plot_histograms, plot_roc, save_figure
-from lightning_ood.callbacks.results import COLUMNS, build_rows, write_results
+from lightning_ood.callbacks.results import COLUMNS, build_rows, columns_for, write_results
 from lightning_ood.callbacks.run_dir import run_dir
 from lightning_ood.callbacks.score_buffer import ScoreBuffer
 from lightning_ood.contract import MEAN_GROUPS, TestStepOutput
 from lightning_ood.metrics import METRIC_KEYS, ood_metrics
+from lightning_ood.metrics.bootstrap import bootstrap_intervals
 from lightning_ood.run_info import environment_versions, run_summary
 
 _RESERVED = {"id", *MEAN_GROUPS}
@@ -40,12 +42,34 @@ class OODEvaluation(Callback):
         output_dir: where to write results (default: the run's log directory).
         plots: draw ROC curves and score histograms.
         print_table: print AUROC and FPR95 tables when testing ends.
+        bootstrap: number of bootstrap resamples for 95 % intervals of AUROC and both FPR95s (``0``: none).
+            Every row then gets ``auroc_lo``, ``auroc_hi``, ``fpr95_idpos_lo``, ... (files, logs and W&B); ID
+            and OOD sets are resampled separately (``lightning_ood.metrics.bootstrap``).
+        bootstrap_seed: seed of the resamples (the intervals are reproducible).
+        bootstrap_level: nominal coverage of the intervals.
     """
 
-    def __init__(self, output_dir: str | None = None, plots: bool = True, print_table: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        plots: bool = True,
+        print_table: bool = True,
+        bootstrap: int = 0,
+        bootstrap_seed: int = 0,
+        bootstrap_level: float = 0.95,
+    ) -> None:
+        if bootstrap < 0:
+            raise ValueError(
+                f"ood_eval.bootstrap must be >= 0 (0 = no intervals, e.g. 1000), got {bootstrap}"
+            )
+        if not 0 < bootstrap_level < 1:
+            raise ValueError(f"ood_eval.bootstrap_level must be in (0, 1), e.g. 0.95, got {bootstrap_level}")
         self.output_dir = output_dir
         self.plots = plots
         self.print_table = print_table
+        self.bootstrap = bootstrap
+        self.bootstrap_seed = bootstrap_seed
+        self.bootstrap_level = bootstrap_level
         self.rows: list[dict[str, Any]] = []
         self.output_path: Path | None = None
 
@@ -97,7 +121,8 @@ class OODEvaluation(Callback):
                 per_set[det][name] = ood_metrics(scores, is_ood, set_name=f"id vs {name}, detector {det}")
         sizes = {name: len(g[0]) for name, g in zip(self.set_names, gathered, strict=True)}
         self.run = run_summary(trainer, pl_module)
-        self.rows = build_rows(per_set, sizes, self.groups, len(id_scores), id_acc, self.run)
+        intervals = self._intervals(id_scores, gathered) if self.bootstrap else None
+        self.rows = build_rows(per_set, sizes, self.groups, len(id_scores), id_acc, self.run, intervals)
         self._log(pl_module, id_acc)
         directory = Path(self.output_dir) if self.output_dir else run_dir(trainer)
         self.output_path = directory
@@ -112,10 +137,26 @@ class OODEvaluation(Callback):
         for buf in self.buffers:
             buf.reset()
 
+    def _intervals(self, id_scores: torch.Tensor, gathered: list) -> dict[str, dict[str, dict[str, float]]]:
+        """Bootstrap intervals per detector, for every OOD set and every non-empty near / far / all group."""
+        ood_sets = self.set_names[1:]
+        groups = {g: [s for s in ood_sets if g == "all" or self.groups[s] == g] for g in MEAN_GROUPS}
+        groups = {g: members for g, members in groups.items() if members}
+        out = {}
+        for k, det in enumerate(
+            track(self.detector_names, description="bootstrap intervals", transient=True)
+        ):
+            ood = {n: g[0][:, k].cpu() for n, g in zip(ood_sets, gathered[1:], strict=True)}
+            out[det] = bootstrap_intervals(
+                id_scores[:, k].cpu(), ood, groups, self.bootstrap, self.bootstrap_seed, self.bootstrap_level
+            )
+        return out
+
     def _log(self, pl_module: LightningModule, id_acc: float | None) -> None:
         values = {} if id_acc is None else {"test/id/acc": id_acc}
+        keys = [*METRIC_KEYS, *columns_for(self.rows)[len(COLUMNS) :]]
         for row in self.rows:
-            values.update({f"test/{row['set']}/{row['detector']}/{k}": row[k] for k in METRIC_KEYS})
+            values.update({f"test/{row['set']}/{row['detector']}/{k}": row[k] for k in keys})
         pl_module.log_dict(values, add_dataloader_idx=False, sync_dist=False)
 
     def _plot(self, directory: Path, id_scores: torch.Tensor, gathered: list) -> dict[str, list[Path]]:
@@ -154,10 +195,11 @@ class OODEvaluation(Callback):
             console.print(table)
 
     def _to_wandb(self, logger: WandbLogger, figures: dict[str, list[Path]]) -> None:
+        columns = columns_for(self.rows)
         logger.log_table(
             key="test/ood_results",
-            columns=list(COLUMNS),
-            data=[[row[c] for c in COLUMNS] for row in self.rows],
+            columns=list(columns),
+            data=[[row[c] for c in columns] for row in self.rows],
         )
         for kind, paths in figures.items():
             if paths:

@@ -13,6 +13,7 @@ from typing import Any
 
 from lightning_ood.contract import MEAN_GROUPS
 from lightning_ood.metrics import METRIC_KEYS
+from lightning_ood.metrics.bootstrap import BOOTSTRAP_KEYS
 from lightning_ood.run_info import RUN_KEYS
 
 #: Column order of every result file.
@@ -28,6 +29,14 @@ COLUMNS = (
     "id_acc",
 )
 
+#: Columns added after ``COLUMNS`` when the rows carry bootstrap intervals (``OODEvaluation(bootstrap=N)``).
+INTERVAL_COLUMNS = tuple(f"{k}_{end}" for k in BOOTSTRAP_KEYS for end in ("lo", "hi"))
+
+
+def columns_for(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """``COLUMNS``, plus ``INTERVAL_COLUMNS`` when the rows have intervals."""
+    return COLUMNS + INTERVAL_COLUMNS if rows and INTERVAL_COLUMNS[0] in rows[0] else COLUMNS
+
 
 def build_rows(
     per_set: Mapping[str, Mapping[str, Mapping[str, float]]],
@@ -36,13 +45,31 @@ def build_rows(
     n_id: int,
     id_acc: float | None,
     run: Mapping[str, Any],
+    intervals: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Flatten ``per_set[detector][set] -> metrics`` into rows, plus near / far / all means per detector.
 
     A ``kind="mean"`` row averages each metric over the sets of its group (``all``: every OOD set) and has
     ``n_ood`` = the group's total; groups without sets are left out. ``detector`` names any score (a
     configured detector or the method's own); ``id_acc`` is ``None`` for a method that does not classify.
+    ``intervals[detector][set_or_group]`` (from ``bootstrap_intervals``), when given, adds the
+    ``INTERVAL_COLUMNS`` to every row.
     """
+    rows = _rows(per_set, sizes, groups, n_id, id_acc, run)
+    if intervals is not None:
+        for row in rows:
+            row.update(intervals[row["detector"]][row["set"]])
+    return rows
+
+
+def _rows(
+    per_set: Mapping[str, Mapping[str, Mapping[str, float]]],
+    sizes: Mapping[str, int],
+    groups: Mapping[str, str],
+    n_id: int,
+    id_acc: float | None,
+    run: Mapping[str, Any],
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     base = {k: run.get(k, "") for k in RUN_KEYS}
     for detector, sets in per_set.items():
@@ -98,8 +125,9 @@ def _fmt(value: Any) -> str:
 
 def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table with every column (metrics to 4 decimals)."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    columns = columns_for(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +141,7 @@ def write_results(
     """
     directory.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns_for(rows), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     outputs = {

@@ -1,0 +1,246 @@
+"""One table over many runs: method x detector x near / far / all, mean ± std over seeds.
+
+    python -m lightning_ood.compare results/**/seed*  --out comparison/
+    python -m lightning_ood.compare 'results/*/*/seed*' --out comparison/ --metric auroc fpr95_idpos
+
+Every argument is a run directory (or a glob of them, or a directory holding runs further down): each
+``ood_results.json`` found under it is one run. Runs are grouped by the run's method, backbone and dataset,
+and by every model or training-budget setting that differs between runs of that method (e.g.
+``gamma=0.9``); the seed is what varies inside a group. File paths (the checkpoints a run was built on) do
+not split groups. Runs of one group whose *data* configurations differ (other than the split seed, the data
+root and loader settings) are refused, naming the setting and the values: their numbers are not comparable.
+
+Writes ``comparison.md``, ``comparison.csv`` (mean and std in separate columns) and ``comparison.png``
+(AUROC vs FPR95 on the ``all`` group, one point per method and detector, error bars = std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lightning_ood.callbacks.results import read_results
+from lightning_ood.contract import MEAN_GROUPS
+
+#: Data settings that may differ between the runs of a group (they do not change which images are used).
+DATA_KEYS_IGNORED = ("seed", "root", "download", "num_workers", "eval_batch_size")
+#: Training settings, besides the model's, that make a different variant of a method.
+BUDGET_KEYS = ("trainer.max_epochs", "trainer.max_steps")
+
+
+@dataclass
+class Run:
+    path: Path
+    info: dict[str, Any]
+    rows: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(tree, list):
+        return {prefix[:-1]: repr(tree)}
+    return {prefix[:-1]: tree}
+
+
+def find_runs(patterns: Sequence[str]) -> list[Run]:
+    """Every run (a directory with ``ood_results.json``) at or below the given paths or globs."""
+    files: dict[Path, None] = {}
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) or [pattern]
+        for match in map(Path, matches):
+            if match.is_file() and match.name == "ood_results.json":
+                files[match.resolve()] = None
+            elif match.is_dir():
+                files.update(dict.fromkeys(p.resolve() for p in sorted(match.rglob("ood_results.json"))))
+    if not files:
+        raise SystemExit(f"no ood_results.json at or below {list(patterns)}; pass run directories or a glob")
+    runs = []
+    for path in files:
+        info, rows = read_results(path)
+        config_file = path.parent / "config.yaml"
+        config = _flatten(yaml.safe_load(config_file.read_text())) if config_file.is_file() else {}
+        runs.append(Run(path.parent, info, rows, config))
+    return runs
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str) and ("/" in value or value.endswith((".ckpt", ".pt", ".safetensors")))
+
+
+def _varying(runs: Sequence[Run], keys: Sequence[str]) -> list[str]:
+    """The keys whose value differs between ``runs`` (file paths left out)."""
+    out = []
+    for key in keys:
+        values = {repr(r.config.get(key)) for r in runs}
+        if len(values) > 1 and not all(_is_path(r.config.get(key)) for r in runs):
+            out.append(key)
+    return out
+
+
+def group_runs(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """``{label: runs}``: label = ``method / backbone / dataset`` plus the settings that tell variants apart."""
+    by_method: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        by_method[tuple(str(run.info.get(k, "")) for k in ("method", "backbone", "dataset"))].append(run)
+    groups: dict[str, list[Run]] = {}
+    for ident, members in by_method.items():
+        keys = sorted({k for r in members for k in r.config if k.startswith("model.")} | set(BUDGET_KEYS))
+        keys = [k for k in keys if not k.endswith((".detectors", ".detector_cache"))]
+        varying = _varying(members, keys)
+        for run in members:
+            variant = ", ".join(f"{k.rsplit('.', 1)[-1]}={run.config.get(k)}" for k in varying)
+            groups.setdefault(" / ".join(ident) + (f" ({variant})" if variant else ""), []).append(run)
+    for label, members in groups.items():
+        check_same_data(label, members)
+    return groups
+
+
+def check_same_data(label: str, runs: Sequence[Run]) -> None:
+    """Refuse a group whose runs were evaluated on different data, naming the first differing setting."""
+    keys = sorted({k for r in runs for k in r.config if k.startswith("data.")})
+    keys = [k for k in keys if k.rsplit(".", 1)[-1] not in DATA_KEYS_IGNORED]
+    for key in keys:
+        values = {repr(r.config.get(key)) for r in runs}
+        if len(values) > 1:
+            where = "; ".join(f"{r.path}: {r.config.get(key)!r}" for r in runs)
+            raise SystemExit(
+                f"refusing to average the runs of {label!r}: their data configs differ in {key} ({where}). "
+                "Compare runs evaluated on the same data, or pass them separately."
+            )
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (``None`` for a single run: no spread was measured)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarise(groups: Mapping[str, Sequence[Run]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """One record per (group, detector): seeds, ID accuracy and ``<set>/<metric>`` ``(mean, std)`` pairs."""
+    records = []
+    for label, runs in groups.items():
+        detectors = list(dict.fromkeys(r["detector"] for run in runs for r in run.rows))
+        accs = [run.rows[0]["id_acc"] for run in runs if run.rows and run.rows[0]["id_acc"] is not None]
+        for det in detectors:
+            record: dict[str, Any] = {"group": label, "detector": det, "runs": len(runs)}
+            record["id_acc"] = _mean_std(accs) if accs else None
+            for group in MEAN_GROUPS:
+                for metric in metrics:
+                    values = [
+                        r[metric]
+                        for run in runs
+                        for r in run.rows
+                        if r["detector"] == det and r["set"] == group
+                    ]
+                    record[f"{group}/{metric}"] = _mean_std(values) if len(values) == len(runs) else None
+            records.append(record)
+    return records
+
+
+def _cell(pair: tuple[float, float | None] | None) -> str:
+    if pair is None:
+        return "-"
+    return f"{100 * pair[0]:.1f}" if pair[1] is None else f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
+
+
+def to_markdown(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
+    columns = [f"{g}/{m}" for g in MEAN_GROUPS for m in metrics]
+    lines = [
+        "| method | detector | runs | ID acc | " + " | ".join(columns) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(columns),
+    ]
+    for r in records:
+        cells = [_cell(r[c]) for c in columns]
+        lines.append(
+            f"| {r['group']} | {r['detector']} | {r['runs']} | {_cell(r['id_acc'])} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path) -> None:
+    columns = ["id_acc", *(f"{g}/{m}" for g in MEAN_GROUPS for m in metrics)]
+    header = ["method", "detector", "runs", *(f"{c}_{s}" for c in columns for s in ("mean", "std"))]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for r in records:
+            values = [("" if v is None else v) for c in columns for v in (r[c] or (None, None))]
+            writer.writerow([r["group"], r["detector"], r["runs"], *values])
+
+
+def plot(records: Sequence[Mapping[str, Any]], path: Path, fpr_key: str = "fpr95_idpos") -> None:
+    """AUROC vs FPR95 on the ``all`` group: one marker per method, one point per detector, std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 6))
+    markers = "osD^v<>pPX*h"
+    for i, label in enumerate(dict.fromkeys(r["group"] for r in records)):
+        points = [r for r in records if r["group"] == label and r["all/auroc"] and r.get(f"all/{fpr_key}")]
+        if not points:
+            continue
+        ax.errorbar(
+            [100 * r[f"all/{fpr_key}"][0] for r in points],
+            [100 * r["all/auroc"][0] for r in points],
+            xerr=[100 * (r[f"all/{fpr_key}"][1] or 0.0) for r in points],
+            yerr=[100 * (r["all/auroc"][1] or 0.0) for r in points],
+            fmt=markers[i % len(markers)],
+            capsize=2,
+            label=label,
+        )
+        for r in points:
+            ax.annotate(r["detector"], (100 * r[f"all/{fpr_key}"][0], 100 * r["all/auroc"][0]), fontsize=6)
+    ax.set_xlabel(f"FPR95 ({fpr_key}, %), lower is better")
+    ax.set_ylabel("AUROC (%), higher is better")
+    ax.set_title("all OOD sets: mean ± std over seeds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_ood.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("runs", nargs="+", help="run directories, globs, or directories holding runs")
+    parser.add_argument("--out", type=Path, default=Path("comparison"), help="where the table files go")
+    parser.add_argument(
+        "--metric", nargs="+", default=["auroc", "fpr95_idpos", "fpr95_oodpos"], help="metrics to tabulate"
+    )
+    args = parser.parse_args(argv)
+    groups = group_runs(find_runs(args.runs))
+    records = summarise(groups, args.metric)
+    args.out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(records, args.metric)
+    (args.out / "comparison.md").write_text(markdown)
+    write_csv(records, args.metric, args.out / "comparison.csv")
+    if "auroc" in args.metric and any(m.startswith("fpr95") for m in args.metric):
+        plot(records, args.out / "comparison.png", next(m for m in args.metric if m.startswith("fpr95")))
+    print(markdown)
+    print(f"{sum(len(v) for v in groups.values())} runs in {len(groups)} groups; tables in {args.out}/")
+    return records
+
+
+if __name__ == "__main__":
+    main()
