@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_ood.callbacks.detector_search import DetectorSearch
 from lightning_ood.callbacks.ood_evaluation import OODEvaluation
 from lightning_ood.callbacks.run_dir import run_dir
 from lightning_ood.data import OODDataModule
@@ -91,6 +92,7 @@ class OODCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.in_chans", apply_on="instantiate")
         parser.add_lightning_class_args(OODEvaluation, "ood_eval")
+        parser.add_lightning_class_args(DetectorSearch, "detector_search")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

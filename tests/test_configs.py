@@ -40,7 +40,7 @@ def _tiny_encoder(path: Path, group: str, request: pytest.FixtureRequest) -> lis
 
 def _cases() -> list[tuple[str, Path]]:
     cases = [("full", p) for p in sorted(CONFIGS.glob("*.yaml"))]
-    for group in ("data", "model", "trainer"):
+    for group in ("data", "model", "trainer", "detector_search"):
         cases += [(group, p) for p in sorted((CONFIGS / group).glob("*.yaml"))]
     return cases
 

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from lightning_ood.callbacks.detector_search import search_record
 from lightning_ood.callbacks.plots import plot_histograms, plot_roc, save_figure
 from lightning_ood.callbacks.results import COLUMNS, build_rows, columns_for, write_results
 from lightning_ood.callbacks.run_dir import run_dir
@@ -127,7 +128,11 @@ class OODEvaluation(Callback):
         directory = Path(self.output_dir) if self.output_dir else run_dir(trainer)
         self.output_path = directory
         if trainer.is_global_zero:
-            write_results(self.rows, directory, run={**self.run, "environment": environment_versions()})
+            run = {**self.run, "environment": environment_versions()}
+            search = search_record(trainer.callbacks)
+            if search is not None:
+                run["detector_search"] = search
+            write_results(self.rows, directory, run=run)
             figures = self._plot(directory, id_scores, gathered) if self.plots else {}
             if self.print_table:
                 self._print(id_acc, directory)

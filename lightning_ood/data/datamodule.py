@@ -403,6 +403,12 @@ class OODDataModule(LightningDataModule):
             self._dataset_for("aux"), f"shuffle/aux/{rank}", batch_size or self.aux_batch_size
         )
 
+    def aux_eval_dataloader(self) -> DataLoader:
+        """Auxiliary outliers (targets ``-1``), **not augmented**, in order, each scored once under DDP: the
+        OOD side of the detector search (``DetectorSearch``), never a test set."""
+        aux = self._dataset_for("aux")
+        return self._loaders.unpadded(ImageDataset(aux.images, aux.targets))
+
     def fit_fingerprint(self) -> dict[str, object]:
         """Everything that decides the detector-fit images and how they look (the fit cache's key): the ID
         source, classes and options, split seed, ``val_fraction``, ``train_limit``, image size, channels and
