@@ -28,6 +28,7 @@ def _detectors(dtype: torch.dtype) -> dict[str, KNN | ReAct]:
     bank = "float64" if dtype == torch.float64 else "float32"
     return {
         "knn": KNN(k=4, chunk_size=9, bank_dtype=bank),
+        "knn_subset": KNN(k=2, bank_dtype=bank, bank_fraction=0.4, seed=3),
         "react": ReAct(percentile=90.0),
         "react_cap_above_n": ReAct(max_samples=1000),
         "react_subsampled": ReAct(max_samples=30),
@@ -74,6 +75,7 @@ def test_two_process_fit_equals_one_process_fit() -> None:
                 got = ddp[f"{split}/{dtype}"]
                 for key in (
                     "knn",
+                    "knn_subset",
                     "react",
                     "react_threshold",
                     "react_cap_above_n",

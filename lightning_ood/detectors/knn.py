@@ -10,6 +10,13 @@ from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, DetectorInputs
 from lightning_ood.detectors.gather import gather_rows
+from lightning_ood.detectors.knn_index import (
+    FaissSearch,
+    check_index,
+    index_kwargs,
+    index_settings,
+    subset_rows,
+)
 from lightning_ood.precision import at_least_float32_dtype
 
 _BANK_DTYPES = {
@@ -50,6 +57,18 @@ class KNN(Detector):
             half precision halves memory (similarities are still computed in float32 or better, chunk by
             chunk, but the rounded bank changes scores by up to ~1e-3); ``"float64"`` doubles it and keeps
             float64 features exact.
+        bank_fraction: keep a seeded random subset of this fraction of the ID-train features as the bank
+            (Sun et al. use 1 % of ImageNet). Scoring cost and memory shrink by the same factor; the scores
+            change (docs/benchmarks.md measures by how much). ``1.0`` (default): the whole training set.
+        seed: seed of the ``bank_fraction`` subset (the same on every rank: the subset is drawn after the
+            gather, so DDP and one process keep the same rows).
+        index: ``"exact"`` (default: the chunked brute-force search above), or a faiss index built from the
+            bank at the first score (optional dependency ``faiss-cpu``; runs on CPU, float32):
+            ``"faiss_flat"`` (exact inner product), ``"faiss_ivf"`` (inverted lists: ``nlist`` k-means cells,
+            ``nprobe`` searched; approximate) or ``"faiss_hnsw"`` (graph with ``hnsw_m`` links and search
+            depth ``ef_search``; approximate). An approximate index can miss true neighbours, so its k-th
+            similarity is at most the exact one: a score is then higher (more OOD) than exact, never lower.
+        nlist, nprobe, hnsw_m, ef_search: the faiss index settings (see ``index``).
         name: log key; defaults to ``"knn"``.
     """
 
@@ -59,7 +78,18 @@ class KNN(Detector):
     bank: Tensor
 
     def __init__(
-        self, k: int = 1, chunk_size: int = 8192, bank_dtype: str = "float32", name: str | None = None
+        self,
+        k: int = 1,
+        chunk_size: int = 8192,
+        bank_dtype: str = "float32",
+        bank_fraction: float = 1.0,
+        seed: int = 0,
+        index: str = "exact",
+        nlist: int = 256,
+        nprobe: int = 16,
+        hnsw_m: int = 32,
+        ef_search: int = 128,
+        name: str | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"KNN k must be >= 1, got {k}")
@@ -67,20 +97,41 @@ class KNN(Detector):
             raise ValueError(f"KNN chunk_size must be >= 1, got {chunk_size}")
         if bank_dtype not in _BANK_DTYPES:
             raise ValueError(f"KNN bank_dtype must be one of {sorted(_BANK_DTYPES)}, got {bank_dtype!r}")
+        if not 0 < bank_fraction <= 1:
+            raise ValueError(
+                f"KNN bank_fraction must be in (0, 1], e.g. 0.1 for a 10 % bank, got {bank_fraction}"
+            )
+        check_index(index, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
         super().__init__(name)
         self.k = k
         self.chunk_size = chunk_size
         self.bank_dtype = bank_dtype
+        self.bank_fraction = bank_fraction
+        self.seed = seed
+        self.index = index
+        self.nlist, self.nprobe, self.hnsw_m, self.ef_search = nlist, nprobe, hnsw_m, ef_search
         self.register_buffer("bank", torch.empty(0, dtype=_BANK_DTYPES[bank_dtype]))
         self._parts: list[Tensor] = []
+        self._search: FaissSearch | None = None
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, chunk_size={self.chunk_size}, bank_dtype={self.bank_dtype!r}"
+        text = f"k={self.k}, chunk_size={self.chunk_size}, bank_dtype={self.bank_dtype!r}"
+        # Options only when set, so the default's fingerprint (and the fit caches keyed by it) stays the same.
+        if self.bank_fraction != 1.0:
+            text += f", bank_fraction={self.bank_fraction}, seed={self.seed}"
+        if self.index != "exact":
+            text += f", index={self.index!r}, " + index_settings(self)
+        return text
 
     def reset(self) -> None:
         super().reset()
         self._parts = []
+        self._search = None
         self.bank = self.bank.new_empty(0)  # free the old bank before a refit
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._search = None  # a new bank: the faiss index is rebuilt from it at the next score
+        super()._load_from_state_dict(*args, **kwargs)
 
     def update(self, batch: DetectorInputs, targets: Tensor) -> None:
         """Append the L2-normalised ``[B, D]`` features of one ID-train batch to this rank's bank."""
@@ -96,14 +147,22 @@ class KNN(Detector):
         local = torch.cat(self._parts) if self._parts else None
         self._parts = []
         bank = gather_rows(local, device=self.bank.device, who=self.name)
+        if self.bank_fraction < 1:
+            bank = bank[subset_rows(len(bank), self.bank_fraction, self.seed).to(bank.device)]
         self.bank = bank.to(_BANK_DTYPES[self.bank_dtype]).contiguous()
+        self._search = None
         if self.bank.shape[0] < self.k:
             raise ValueError(f"KNN k={self.k} exceeds the bank size {self.bank.shape[0]}")
         super().finalize()
 
     def score(self, batch: DetectorInputs) -> Tensor:
         """``[B]`` scores ``-cos_(k)`` for ``batch.features`` of shape ``[B, D]``; higher = more OOD."""
-        return -kth_largest_cosine(normalize(batch.features), self.bank, self.k, self.chunk_size)
+        queries = normalize(batch.features)
+        if self.index == "exact":
+            return -kth_largest_cosine(queries, self.bank, self.k, self.chunk_size)
+        if self._search is None:
+            self._search = FaissSearch(self.bank, self.index, **index_kwargs(self))
+        return -self._search.kth_largest(queries, self.k)
 
 
 def normalize(features: Tensor | None) -> Tensor:

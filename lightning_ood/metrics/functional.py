@@ -73,6 +73,26 @@ def _validate(scores: ArrayLike, is_ood: ArrayLike, set_name: str) -> tuple[Tens
     return s, y
 
 
+def _group_counts(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One descending sort: per tie group, ``(positives, size, score)``, highest score first (``[K]`` each)."""
+    s_sorted, order = torch.sort(scores, descending=True)
+    # `!=` rather than a difference: inf - inf is NaN and would split a tie of infinities.
+    group_end = torch.nonzero(s_sorted[1:] != s_sorted[:-1]).flatten()
+    group_end = torch.cat([group_end, group_end.new_tensor([len(s_sorted) - 1])])
+    cum_pos = torch.cumsum(positive[order], 0)[group_end]
+    del order  # the [N] buffers are freed before the [K] work
+    pos = torch.diff(cum_pos, prepend=cum_pos.new_zeros(1))
+    size = torch.diff(group_end + 1, prepend=group_end.new_zeros(1)).to(torch.float64)
+    return pos, size, s_sorted[group_end]
+
+
+def _curve(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """Cumulative (false, true) positive counts from per-group counts, with the leading ``(0, 0)`` point."""
+    zero = pos.new_zeros(1)
+    tps = torch.cumsum(pos, 0)
+    return torch.cat([zero, torch.cumsum(size, 0) - tps]), torch.cat([zero, tps])
+
+
 def _counts(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Cumulative (false, true) positive counts at each distinct threshold, highest threshold first.
 
@@ -80,15 +100,10 @@ def _counts(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     prediction ``(0, 0, +inf)`` like sklearn's ``roc_curve``. Sample ``i`` is flagged positive at threshold
     ``t`` iff ``scores[i] >= t``, so equal scores always fall on the same side.
     """
-    s_sorted, order = torch.sort(scores, descending=True)
-    # `!=` rather than a difference: inf - inf is NaN and would split a tie of infinities.
-    group_end = torch.nonzero(s_sorted[1:] != s_sorted[:-1]).flatten()
-    group_end = torch.cat([group_end, group_end.new_tensor([len(s_sorted) - 1])])
-    tps = torch.cumsum(positive[order], 0)[group_end]
-    fps = (group_end + 1).to(torch.float64) - tps
-    zero = tps.new_zeros(1)
+    pos, size, thresholds = _group_counts(scores, positive)
+    fps, tps = _curve(pos, size)
     inf = torch.full((1,), torch.inf, dtype=torch.float64)
-    return torch.cat([zero, fps]), torch.cat([zero, tps]), torch.cat([inf, s_sorted[group_end]])
+    return fps, tps, torch.cat([inf, thresholds])
 
 
 def roc_curve(
@@ -152,9 +167,11 @@ def ood_metrics(scores: ArrayLike, is_ood: ArrayLike, set_name: str = "scores") 
         ``{key: value}`` with keys in the order of ``METRIC_KEYS``.
     """
     s, y = _validate(scores, is_ood, set_name)
-    fps, tps, _ = _counts(s, y)
-    # ID as the positive class: the same curve traversed from the other end with roles swapped.
-    fps_in, tps_in, _ = _counts(-s, 1 - y)
+    pos, size, _ = _group_counts(s, y)  # the only sort; everything else is O(distinct scores)
+    del s, y
+    fps, tps = _curve(pos, size)
+    # ID as the positive class: the same tie groups traversed from the lowest score, roles swapped.
+    fps_in, tps_in = _curve((size - pos).flip(0), size.flip(0))
     return {
         "auroc": _auroc(fps, tps),
         "aupr_in": _average_precision(fps_in, tps_in),
