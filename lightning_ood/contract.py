@@ -6,8 +6,10 @@ all depend on it without depending on each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import NamedTuple, Protocol, runtime_checkable
+import contextlib
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -59,6 +61,10 @@ class DetectorInputs:
         head: the final ``nn.Linear`` mapping ``features`` to ``logits`` (``W: [C, D]``, ``b: [C]``), or ``None``.
         inputs: ``[B, ...]`` the (normalised) input images, or ``None``.
         model: the method, for detectors that run the network themselves, or ``None``.
+
+    Products that several detectors compute from the same batch (float64 features, features centred on the
+    training mean, whitened features, log-softmax) are computed once per batch through :meth:`shared` and
+    reused by the others; :func:`unshared` switches that off (the tests compare both paths).
     """
 
     logits: Tensor | None = None
@@ -66,6 +72,16 @@ class DetectorInputs:
     head: nn.Linear | None = None
     inputs: Tensor | None = None
     model: ScoringModel | None = None
+    _memo: dict[Hashable, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """``compute()``, computed once per batch for each ``key`` (a key must name the product exactly: the
+        operation and the content of every fitted tensor it uses)."""
+        if not _SHARING[0]:
+            return compute()
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     @classmethod
     def from_outputs(
@@ -79,7 +95,22 @@ class DetectorInputs:
         return cls(logits=outputs.logits, features=outputs.features, head=head, inputs=inputs, model=model)
 
     def available(self) -> frozenset[str]:
-        return frozenset(f.name for f in fields(self) if getattr(self, f.name) is not None)
+        return frozenset(
+            f.name for f in fields(self) if not f.name.startswith("_") and getattr(self, f.name) is not None
+        )
+
+
+_SHARING = [True]
+
+
+@contextlib.contextmanager
+def unshared() -> Iterator[None]:
+    """Within this context every detector computes its own products (no per-batch sharing)."""
+    previous, _SHARING[0] = _SHARING[0], False
+    try:
+        yield
+    finally:
+        _SHARING[0] = previous
 
 
 class TestStepOutput(NamedTuple):

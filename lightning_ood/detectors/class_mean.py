@@ -32,9 +32,8 @@ class ClassMeanEuclidean(MomentDetector):
         self._set_buffers(means=moments.means, center=moments.mean)
 
     def score(self, batch: DetectorInputs) -> Tensor:
-        z = self._features(batch, self.means)
         # Centring on the training mean keeps the expansion |z|^2 - 2 z.mu + |mu|^2 well conditioned.
-        dist = squared_distances(z - self.center, self.means - self.center)
+        dist = squared_distances(self._centered(batch), self.means - self.center)
         return dist.amin(dim=1).to(batch.features.device)
 
 

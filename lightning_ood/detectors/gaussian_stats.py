@@ -11,6 +11,7 @@ across ranks and derives the class means and scatter matrices.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -272,6 +273,7 @@ class MomentDetector(Detector):
 
     def reset(self) -> None:
         self._moments.reset()
+        self._content_keys: dict[str, str] = {}
         super().reset()
 
     def update(self, batch: DetectorInputs, targets: Tensor) -> None:
@@ -288,7 +290,12 @@ class MomentDetector(Detector):
         moments = self._moments.finalize(device=self._fitted.device)
         self._moments.reset()  # free the accumulators
         self.load_moments(moments)
+        self._content_keys = {}
         super().finalize()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._content_keys = {}  # new fitted buffers: new content keys
+        super()._load_from_state_dict(*args, **kwargs)
 
     def load_moments(self, moments: Moments) -> None:
         """Compute the fitted buffers from the finalised moments."""
@@ -299,7 +306,46 @@ class MomentDetector(Detector):
             setattr(self, key, value.to(self._fitted.device))
 
     def _features(self, batch: DetectorInputs, like: Tensor) -> Tensor:
-        """``[B, D]`` features as float64 on ``like``'s device."""
+        """``[B, D]`` features as float64 on ``like``'s device (computed once per batch for all detectors)."""
         if batch.features is None:
             raise ValueError(f"detector {self.name!r} needs features, got None")
-        return batch.features.detach().to(device=like.device, dtype=_F64)
+        device = like.device
+        return batch.shared(
+            ("features64", str(device)), lambda: batch.features.detach().to(device=device, dtype=_F64)
+        )
+
+    # -- products shared within a batch by detectors whose fitted tensors are equal ---------------------------
+    def _key(self, *names: str) -> tuple[str, ...]:
+        """Content hashes of the named fitted buffers (cached until the next fit or load) and their device."""
+        keys = self.__dict__.setdefault("_content_keys", {})
+        for name in names:
+            if name not in keys:
+                keys[name] = content_key(getattr(self, name))
+        return (str(self._fitted.device), *(keys[n] for n in names))
+
+    def _centered(self, batch: DetectorInputs) -> Tensor:
+        """``z - mu_0``: float64 features centred on the training mean ``center``."""
+        return batch.shared(
+            ("centered", *self._key("center")), lambda: self._features(batch, self.center) - self.center
+        )
+
+    def _whitened(self, batch: DetectorInputs) -> Tensor:
+        """``(z - mu_0) W`` for the tied whitener ``W`` (shared by tied Mahalanobis and RMD)."""
+        return batch.shared(
+            ("whitened", *self._key("center", "whitener")), lambda: self._centered(batch) @ self.whitener
+        )
+
+    def _white_class_distances(self, batch: DetectorInputs) -> Tensor:
+        """``[B, C]`` squared tied-Mahalanobis distances to every class mean."""
+        return batch.shared(
+            ("white_class_distances", *self._key("center", "whitener", "white_means")),
+            lambda: squared_distances(self._whitened(batch), self.white_means),
+        )
+
+
+def content_key(tensor: Tensor) -> str:
+    """A hash of a tensor's shape, dtype and values: equal fitted tensors of two detectors get the same key."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha1(f"{tuple(data.shape)}/{data.dtype}".encode())
+    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()

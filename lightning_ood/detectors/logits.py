@@ -32,6 +32,11 @@ def log_softmax_and_complement(logits: Tensor) -> tuple[Tensor, Tensor]:
     return log_p, log_q
 
 
+def shared_log_softmax(batch: DetectorInputs) -> tuple[Tensor, Tensor]:
+    """:func:`log_softmax_and_complement` of the batch's logits, computed once per batch (Entropy, GEN)."""
+    return batch.shared(("log_softmax_and_complement",), lambda: log_softmax_and_complement(batch.logits))
+
+
 class MSP(Detector):
     """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017): ``-max_c softmax(z)_c``, in ``[-1, -1/C]``."""
 
@@ -73,7 +78,7 @@ class Entropy(Detector):
     entropy instead of losing the ``p_max log p_max`` term."""
 
     def score(self, batch: DetectorInputs) -> Tensor:
-        log_p, _ = log_softmax_and_complement(batch.logits)
+        log_p, _ = shared_log_softmax(batch)
         return -(log_p.exp() * log_p).sum(dim=1)
 
 
@@ -102,6 +107,6 @@ class GEN(Detector):
         return f"gamma={self.gamma}, top_k={self.top_k}"
 
     def score(self, batch: DetectorInputs) -> Tensor:
-        log_p, log_q = log_softmax_and_complement(batch.logits)
+        log_p, log_q = shared_log_softmax(batch)
         top = log_p.topk(min(self.top_k, log_p.shape[1]), dim=1).indices
         return (self.gamma * (log_p.gather(1, top) + log_q.gather(1, top))).exp().sum(dim=1)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import DetectorInputs
-from lightning_ood.detectors.gaussian_stats import MomentDetector, Moments, squared_distances, whitener
+from lightning_ood.detectors.gaussian_stats import MomentDetector, Moments, whitener
 
 Covariance = Literal["tied", "per_class"]
 
@@ -96,9 +96,9 @@ class Mahalanobis(MomentDetector):
 
     def class_distances(self, batch: DetectorInputs) -> Tensor:
         """``[B, C]`` float64 squared Mahalanobis distances to every class."""
-        z = self._features(batch, self.means) - self.center
         if self.covariance == "tied":
-            return squared_distances(z @ self.whitener, self.white_means)
+            return self._white_class_distances(batch)
+        z = self._centered(batch)
         # One [B, D] x [D, D] product per class: O(C) matmuls, no [B, C, D] tensor.
         mus = self.means - self.center
         return torch.stack(
@@ -150,7 +150,6 @@ class RMD(MomentDetector):
         )
 
     def score(self, batch: DetectorInputs) -> Tensor:
-        z = self._features(batch, self.means) - self.center
-        md_class = squared_distances(z @ self.whitener, self.white_means).amin(dim=1)
-        md_background = (z @ self.background_whitener).square().sum(1)
+        md_class = self._white_class_distances(batch).amin(dim=1)
+        md_background = (self._centered(batch) @ self.background_whitener).square().sum(1)
         return (md_class - md_background).to(batch.features.device)
