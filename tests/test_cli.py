@@ -130,3 +130,33 @@ def test_bad_ood_set_on_the_command_line_names_the_set():
     with pytest.raises(ValueError) as err:
         OODCLI(args=[*TINY, "--trainer.logger=false", sets])
     assert str(err.value) == "OOD set 'x'.group: must be one of ['near', 'far'], got 'middle'"  # one line
+
+
+def test_adding_a_detector_fits_only_the_new_one_in_one_pass(trained, tmp_path, monkeypatch):
+    import lightning_ood.methods.base as base
+
+    cli, _ = trained
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    passes: list[list[str]] = []
+    real = base.fit_detectors
+
+    def spy(detectors, batches, describe, **kwargs):
+        passes.append([d.name for d in detectors])
+        return real(detectors, batches, describe, **kwargs)
+
+    monkeypatch.setattr(base, "fit_detectors", spy)
+    dets = (
+        '[{"class_path": "lightning_ood.detectors.Mahalanobis"}, {"class_path": "lightning_ood.detectors.RMD"}, '
+        '{"class_path": "lightning_ood.detectors.KNN", "init_args": {"k": 5, "name": "knn5"}}]'
+    )
+    args = [
+        *TINY,
+        *FAST,
+        *_csv_logger(tmp_path),
+        f"--ckpt_path={ckpt}",
+        f"--model.init_args.detectors={dets}",
+    ]
+    evaluate(args)
+    assert passes == [["knn5"]]  # Mahalanobis and RMD come from the cache of the first evaluation
+    evaluate(args)
+    assert passes == [["knn5"]]  # now cached too: no pass at all
