@@ -1,0 +1,216 @@
+"""What each detector costs on the offline benchmark, and what every default detector costs against MSP alone.
+
+One run, one checkpoint, one machine state:
+
+1. The network's forward pass over ID train (the fit set) and over every test set, timed; its outputs are kept.
+2. Per detector, alone (no sharing): **fit** s on the kept ID-train outputs (``update`` per batch +
+   ``finalize``), **score** ms per 10k test images, and the peak extra resident memory of fit and score.
+3. **Every default detector together** from the same outputs, with the per-batch shared products, against
+   MSP alone: ``(forward + all scores) / (forward + MSP)``, with exact KNN and with each KNN option.
+4. **KNN options**: a seeded bank subset and faiss indexes (flat exact, IVF, HNSW): score speed, AUROC
+   change against exact KNN per OOD set (percentage points) and recall (share of test images whose k-th
+   similarity equals the exact one to 1e-5); and exact search's speed relative to faiss's exact flat index.
+
+Fit passes are one-off (cached beside a checkpoint), so the ratios compare test-time work. ODIN is left out: it
+runs the network's forward and backward pass itself.
+
+    python benchmarks/detector_costs.py --ckpt results/fashionmnist/seed0/checkpoints/best-epoch=001.ckpt \
+        --data configs/data/fashionmnist.yaml --out docs/detector_costs.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LightningArgumentParser
+from memory import rss_mb, settle  # benchmarks/memory.py (run as a script from the repo root)
+
+from lightning_ood.contract import DetectorInputs, unshared
+from lightning_ood.data import OODDataModule
+from lightning_ood.detectors import KNN, MSP, Detector
+from lightning_ood.detectors.defaults import default_detectors
+from lightning_ood.frozen import load_method
+from lightning_ood.metrics import ood_metrics
+
+Outputs = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (logits, features, targets) per batch
+
+
+def _datamodule(path: str, overrides: list[str]) -> OODDataModule:
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_lightning_class_args(OODDataModule, "data", subclass_mode=True)
+    dm = parser.instantiate_classes(parser.parse_args(["--data", path, *overrides])).data
+    dm.setup("test")
+    return dm
+
+
+def _forward(model, loader) -> tuple[Outputs, float]:
+    outputs: Outputs = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for images, targets in loader:
+            out = model.forward_outputs(images)
+            outputs.append((out.logits.float(), out.features.float(), targets))
+    return outputs, time.perf_counter() - start
+
+
+def _inputs(model, logits, features) -> DetectorInputs:
+    return DetectorInputs(logits=logits, features=features, head=model.head)
+
+
+def _fit(det: Detector, model, fit_outputs: Outputs) -> tuple[float, float]:
+    base = settle()
+    start = time.perf_counter()
+    det.reset()
+    with torch.no_grad():
+        for logits, features, targets in fit_outputs:
+            det.update(_inputs(model, logits, features), targets)
+        det.finalize()
+    return time.perf_counter() - start, rss_mb("VmHWM") - base
+
+
+def _score(
+    dets: list[Detector], model, sets: dict[str, Outputs]
+) -> tuple[dict[str, dict[str, torch.Tensor]], float, float]:
+    """Scores of ``dets`` on every set, the wall time and the peak extra memory (one inputs object per batch).
+
+    Each detector first scores one batch untimed (first-call allocations and kernel selection)."""
+    logits, features, _ = next(iter(sets.values()))[0]
+    with torch.no_grad():
+        for det in dets:
+            det(_inputs(model, logits, features))
+    base = settle()
+    start = time.perf_counter()
+    scores: dict[str, dict[str, list]] = {d.name: {s: [] for s in sets} for d in dets}
+    with torch.no_grad():
+        for name, outputs in sets.items():
+            for logits, features, _ in outputs:
+                batch = _inputs(model, logits, features)
+                for det in dets:
+                    scores[det.name][name].append(det(batch))
+    seconds = time.perf_counter() - start
+    return (
+        {d: {s: torch.cat(v) for s, v in per.items()} for d, per in scores.items()},
+        seconds,
+        rss_mb("VmHWM") - base,
+    )
+
+
+def _state_mb(det: Detector) -> float:
+    return sum(b.numel() * b.element_size() for b in det.buffers()) / 2**20
+
+
+def _aurocs(scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    ids = scores["id"]
+    return {
+        name: ood_metrics(torch.cat([ids, s]), torch.cat([torch.zeros(len(ids)), torch.ones(len(s))]))[
+            "auroc"
+        ]
+        for name, s in scores.items()
+        if name != "id"
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ckpt", required=True, help="a trained Classifier checkpoint")
+    parser.add_argument("--data", default="configs/data/fashionmnist.yaml")
+    parser.add_argument(
+        "--data-override", nargs="*", default=[], help="e.g. --data.init_args.train_limit=2000"
+    )
+    parser.add_argument("--knn-fractions", nargs="*", type=float, default=[0.01, 0.02, 0.05, 0.1])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, help="also write the Markdown here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dm = _datamodule(args.data, args.data_override)
+    model = load_method(args.ckpt).eval()
+    fit_outputs, fit_forward = _forward(model, dm.fit_dataloader())
+    sets, test_forward = {}, 0.0
+    for name, loader in zip(dm.test_set_names, dm.test_dataloader(), strict=True):
+        sets[name], seconds = _forward(model, loader)
+        test_forward += seconds
+    n_test = sum(len(t) for outs in sets.values() for _, _, t in outs)
+    n_fit = sum(len(t) for _, _, t in fit_outputs)
+    per10k = 1e4 / n_test
+    lines = [
+        f"Checkpoint `{args.ckpt}`, data `{args.data}`: {n_fit:,} ID-train images (fit), {n_test:,} test images "
+        f"in {len(sets)} sets; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}.",
+        f"Forward pass: {fit_forward:.1f} s over ID train, {test_forward:.1f} s over the test sets "
+        f"({1e3 * test_forward * per10k:.0f} ms per 10k images).",
+        "",
+        "| detector | fit s | fit peak MB | state MB | score ms / 10k | score peak MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    provides = frozenset({"logits", "features", "head"})
+    dets = default_detectors(provides)
+    score_times: dict[str, float] = {}
+    with unshared():
+        for det in dets:
+            fit_s, fit_mb = _fit(det, model, fit_outputs) if det.needs_fit else (0.0, 0.0)
+            _, score_s, score_mb = _score([det], model, sets)
+            score_times[det.name] = score_s
+            lines.append(
+                f"| {det.name} | {fit_s:.2f} | {fit_mb:.0f} | {_state_mb(det):.1f} | {1e3 * score_s * per10k:.0f} "
+                f"| {score_mb:.0f} |"
+            )
+    # every default detector together (shared products) vs MSP alone, from the same outputs
+    msp = MSP()
+    _, msp_s, _ = _score([msp], model, sets)
+    exact_scores, all_s, _ = _score(dets, model, sets)
+    lines += [
+        "",
+        f"MSP alone: forward {test_forward:.2f} s + score {msp_s:.2f} s. Every default detector together "
+        f"(shared products): forward + {all_s:.2f} s of scores.",
+        "",
+        "| KNN in the default set | all detectors / MSP alone | KNN score s | max AUROC change vs exact (points) "
+        "| recall of the k-th neighbour |",
+        "|---|---:|---:|---:|---:|",
+        f"| exact, whole bank | {(test_forward + all_s) / (test_forward + msp_s):.3f} | {score_times['knn']:.2f} "
+        "| 0 | 1 |",
+    ]
+    exact_auroc = _aurocs(exact_scores["knn"])
+    exact_knn = torch.cat(list(exact_scores["knn"].values()))
+    options: list[tuple[str, Callable[[], KNN]]] = [
+        (f"bank_fraction={f}", lambda f=f: KNN(bank_fraction=f)) for f in args.knn_fractions
+    ]
+    options += [
+        ("index=faiss_flat", lambda: KNN(index="faiss_flat")),
+        ("index=faiss_ivf (nlist 256, nprobe 16)", lambda: KNN(index="faiss_ivf")),
+        ("index=faiss_hnsw (M 32, ef 128)", lambda: KNN(index="faiss_hnsw")),
+    ]
+    flat_s = None
+    _, rest_s, _ = _score([d for d in dets if d.name != "knn"], model, sets)
+    for label, make in options:
+        knn = make()
+        _fit(knn, model, fit_outputs)
+        knn(_inputs(model, *sets["id"][0][:2]))  # build a faiss index outside the timed pass
+        scores, knn_s, _ = _score([knn], model, sets)
+        if label == "index=faiss_flat":
+            flat_s = knn_s
+        ratio = (test_forward + rest_s + knn_s) / (test_forward + msp_s)
+        delta = max(abs(a - exact_auroc[s]) for s, a in _aurocs(scores["knn"]).items())
+        recall = float(((torch.cat(list(scores["knn"].values())) - exact_knn).abs() <= 1e-5).float().mean())
+        lines.append(f"| {label} | {ratio:.3f} | {knn_s:.2f} | {100 * delta:.2f} | {recall:.3f} |")
+    if flat_s is not None:
+        lines += [
+            "",
+            f"Exact search speed relative to faiss's exact flat index: {flat_s / score_times['knn']:.2f} "
+            f"(faiss flat {flat_s:.2f} s, ours {score_times['knn']:.2f} s for {n_test:,} queries; > 1: ours faster).",
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
