@@ -35,18 +35,23 @@ _CHUNK_ELEMENTS = 4_000_000
 
 
 class _SortedSet:
-    """One ID-vs-OOD set sorted once, for both curve directions (OOD positive and ID positive)."""
+    """One ID-vs-OOD set sorted once; both curve directions are read from the same tie groups."""
 
     def __init__(self, id_scores: Tensor, ood_scores: Tensor) -> None:
         scores = torch.cat([id_scores, ood_scores])
-        self.is_ood = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))]).double()
-        self.ood_pos = _order(scores)  # descending scores: OOD is positive
-        self.id_pos = _order(-scores)  # descending -scores: ID is positive
+        is_ood = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))]).double()
+        s_sorted, self.order = torch.sort(scores, descending=True)
+        group_end = torch.nonzero(s_sorted[1:] != s_sorted[:-1]).flatten()
+        self.group_end = torch.cat([group_end, group_end.new_tensor([len(s_sorted) - 1])])
+        self.is_ood_sorted = is_ood[self.order]
 
     def metrics(self, weights: Tensor) -> dict[str, Tensor]:
         """``[B]`` AUROC and FPR95s of the ``B`` resamples whose per-sample draw counts are ``weights``."""
-        fps, tps = _weighted_counts(weights, self.is_ood, *self.ood_pos)
-        fps_in, tps_in = _weighted_counts(weights, 1 - self.is_ood, *self.id_pos)
+        w = weights[:, self.order]
+        pos = _per_group(torch.cumsum(w * self.is_ood_sorted, dim=1)[:, self.group_end])
+        size = _per_group(torch.cumsum(w, dim=1)[:, self.group_end])
+        fps, tps = _curve(pos, size)  # OOD positive, highest score first
+        fps_in, tps_in = _curve((size - pos).flip(1), size.flip(1))  # ID positive: the same groups reversed
         pairs = torch.sum(torch.diff(fps, dim=1) * (tps[:, 1:] + tps[:, :-1]), dim=1) / 2
         return {
             "auroc": pairs / (fps[:, -1] * tps[:, -1]),
@@ -55,22 +60,16 @@ class _SortedSet:
         }
 
 
-def _order(scores: Tensor) -> tuple[Tensor, Tensor]:
-    """The descending sort order and the index of the last sample of each tie group in that order."""
-    s_sorted, order = torch.sort(scores, descending=True)
-    group_end = torch.nonzero(s_sorted[1:] != s_sorted[:-1]).flatten()
-    return order, torch.cat([group_end, group_end.new_tensor([len(s_sorted) - 1])])
+def _per_group(cumulative: Tensor) -> Tensor:
+    """``[B, K]`` per-group totals from cumulative totals at the group ends."""
+    return torch.diff(cumulative, dim=1, prepend=cumulative.new_zeros(len(cumulative), 1))
 
 
-def _weighted_counts(
-    weights: Tensor, positive: Tensor, order: Tensor, group_end: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Cumulative (false, true) positive counts per tie group, ``[B, K + 1]`` with a leading zero column."""
-    w = weights[:, order]
-    tps = torch.cumsum(w * positive[order], dim=1)[:, group_end]
-    fps = torch.cumsum(w, dim=1)[:, group_end] - tps
+def _curve(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """Cumulative (false, true) positive counts, ``[B, K + 1]`` with a leading zero column."""
+    tps = torch.cumsum(pos, dim=1)
     zero = tps.new_zeros(len(tps), 1)
-    return torch.cat([zero, fps], dim=1), torch.cat([zero, tps], dim=1)
+    return torch.cat([zero, torch.cumsum(size, dim=1) - tps], dim=1), torch.cat([zero, tps], dim=1)
 
 
 def _fpr_at_tpr(fps: Tensor, tps: Tensor, level: float) -> Tensor:
