@@ -1,8 +1,10 @@
-"""Cross-cutting concerns: OOD metric aggregation, result files, plots, attention maps, SSOD masks, W&B tables."""
+"""Cross-cutting concerns: OOD metric aggregation, result files, plots, attention maps, SSOD masks, heatmaps, W&B
+tables."""
 
 from lightning_ood.callbacks.attention_maps import AttentionMaps
+from lightning_ood.callbacks.heatmap_pictures import HeatmapPictures
 from lightning_ood.callbacks.ood_evaluation import OODEvaluation
 from lightning_ood.callbacks.run_dir import run_dir
 from lightning_ood.callbacks.ssod_masks import SSODMasks
 
-__all__ = ["AttentionMaps", "OODEvaluation", "SSODMasks", "run_dir"]
+__all__ = ["AttentionMaps", "HeatmapPictures", "OODEvaluation", "SSODMasks", "run_dir"]
