@@ -163,12 +163,19 @@ def test_training_loss_is_the_weighted_squared_error(run) -> None:
 
 
 def test_evaluating_the_decoder_checkpoint_repeats_the_scores(run, tmp_path: Path) -> None:
+    """A fresh process rebuilds everything from the decoder's checkpoint and the classifier's file; its detector
+    fit runs the classifier (no cache), where training's test read the classifier's cached training outputs."""
     cli, ckpt, _ = run
     best = cli.trainer.checkpoint_callback.best_model_path
-    again = evaluate([*heatmap_args(ckpt), *FAST, *csv_logger(tmp_path), f"--ckpt_path={best}"])
+    args = [*heatmap_args(ckpt), *FAST, *csv_logger(tmp_path), "--model.init_args.detector_cache=false"]
+    again = evaluate([*args, f"--ckpt_path={best}"])
+    assert again.model.cache is None
+    images = next(iter(cli.datamodule.fit_dataloader()))[0]
+    assert cli.model._cached_outputs(images) is not None  # training's test fitted from the cache
     first, second = rows_by_key(cli), rows_by_key(again)
-    for key in [("heatmap", "faces"), ("heatmap", "gaussian"), ("msp", "all")]:
-        assert first[key]["auroc"] == second[key]["auroc"], key
+    for score in ("heatmap", "msp", "mahalanobis", "vim", "knn"):
+        for group in ("faces", "gaussian", "all"):
+            assert first[(score, group)]["auroc"] == pytest.approx(second[(score, group)]["auroc"], abs=1e-9)
 
 
 @pytest.mark.parametrize(

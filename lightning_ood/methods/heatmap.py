@@ -26,7 +26,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lightning_ood.contract import ID_KEY, OUTLIER_KEY, ModelOutputs
+from lightning_ood.contract import ID_KEY, OUTLIER_KEY, DetectorInputs, ModelOutputs
 from lightning_ood.detectors.base import Detector
 from lightning_ood.distributed import all_reduce_sum
 from lightning_ood.frozen import load_method
@@ -148,11 +148,8 @@ class HeatmapOOD(OODMethod):
 
     def decode(self, out: ModelOutputs) -> Tensor:
         """The decoder's heatmap for the classifier outputs ``out``."""
-        return self._decode(out.features, out.logits.argmax(dim=1))
-
-    def _decode(self, features: Tensor, classes: Tensor) -> Tensor:
-        z = normalise_features(features.float(), self.feature_min, self.feature_max)
-        return self.decoder(z, classes)
+        z = normalise_features(out.features.float(), self.feature_min, self.feature_max)
+        return self.decoder(z, out.logits.argmax(dim=1))
 
     def fit_detectors(self, batches: Any = None) -> None:
         """The base class's fit pass, without decoding: the detectors read only the classifier's outputs."""
@@ -227,12 +224,29 @@ class HeatmapOOD(OODMethod):
         or outlier seen when training started, else from a forward pass of the frozen classifier: the same
         values either way (eval mode, fixed weights).
         """
-        cached = self.cache.get(pixel_keys(images, self.pixel_mean, self.pixel_std)) if self.cache else None
-        if cached is None:
-            h = self.forward_outputs(images).extras[HEATMAP]
-        else:
-            h = self._decode(*(t.to(images.device) for t in cached))
+        cached = self._cached_outputs(images)
+        h = self.forward_outputs(images).extras[HEATMAP] if cached is None else self.decode(cached)
         return heatmap_loss(self.pixels(images), h.float(), targets)
+
+    def _cached_outputs(self, images: Tensor) -> ModelOutputs | None:
+        """The classifier's outputs on ``images`` from :attr:`cache` (on their device), if all are cached."""
+        if self.cache is None:
+            return None
+        cached = self.cache.get(pixel_keys(images, self.pixel_mean, self.pixel_std))
+        if cached is None:
+            return None
+        return ModelOutputs(cached.logits.to(images.device), cached.features.to(images.device))
+
+    def _describe(self, batch: Any) -> tuple[DetectorInputs, Tensor]:
+        """The detector fit pass reads the classifier's outputs on the ID training images from :attr:`cache`
+        when training just computed them (``train.py`` tests in the same process), else runs the classifier."""
+        images, targets = batch
+        cached = self._cached_outputs(images) if self._trainer is not None else None
+        if cached is None:
+            return super()._describe(batch)
+        images, targets = images.to(self.device), targets.to(self.device)
+        return self._inputs_from(ModelOutputs(cached.logits.to(self.device), cached.features.to(self.device)),
+                                 images)[0], targets  # fmt: skip
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         (images, _), (outliers, _) = batch[ID_KEY], batch[OUTLIER_KEY]

@@ -91,11 +91,16 @@ class OutlierTargets:
 
 @dataclass
 class Described:
-    """Features ``[N, D]`` (float32, CPU), predicted classes ``[N]`` and pixel digests of a pass over a set."""
+    """Features ``[N, D]``, logits ``[N, K]`` (float32, CPU) and pixel digests of a pass over a set."""
 
     features: Tensor
-    classes: Tensor
+    logits: Tensor
     keys: list[bytes]
+
+    @property
+    def classes(self) -> Tensor:
+        """``[N]`` predicted classes."""
+        return self.logits.argmax(dim=1)
 
 
 def describe(
@@ -106,15 +111,15 @@ def describe(
     progress: bool,
 ) -> Described:
     """One pass of the frozen classifier over ``batches`` (``forward``: normalised images -> outputs)."""
-    features, classes, digests = [], [], []
+    features, logits, digests = [], [], []
     for images, _ in tqdm(batches, desc=f"HeatmapOOD targets: {what}", disable=not progress, leave=False):
         with torch.no_grad():
             out = forward(images)
         features.append(out.features.detach().float().cpu())
-        classes.append(out.logits.argmax(dim=1).cpu())
+        logits.append(out.logits.detach().float().cpu())
         if keys is not None:
             digests += keys(images)
-    return Described(torch.cat(features), torch.cat(classes), digests)
+    return Described(torch.cat(features), torch.cat(logits), digests)
 
 
 @dataclass
@@ -123,7 +128,7 @@ class OutputCache:
     never change, so training looks them up instead of running the classifier again on every batch."""
 
     features: Tensor
-    classes: Tensor
+    logits: Tensor
     index: dict[bytes, int]
 
     @classmethod
@@ -131,16 +136,17 @@ class OutputCache:
         keys = [k for p in passes for k in p.keys]
         return cls(
             features=torch.cat([p.features for p in passes]),
-            classes=torch.cat([p.classes for p in passes]),
+            logits=torch.cat([p.logits for p in passes]),
             index={key: i for i, key in enumerate(keys)},
         )
 
-    def get(self, keys: list[bytes]) -> tuple[Tensor, Tensor] | None:
-        """``(features [B, D], predicted classes [B])`` of these images, or ``None`` if one is not cached."""
+    def get(self, keys: list[bytes]) -> ModelOutputs | None:
+        """The classifier's ``ModelOutputs(logits [B, K], features [B, D])`` on these images (CPU), or ``None``
+        if one of them is not cached."""
         rows = [self.index.get(k) for k in keys]
         if any(r is None for r in rows):
             return None
-        return self.features[rows], self.classes[rows]
+        return ModelOutputs(logits=self.logits[rows], features=self.features[rows])
 
 
 def outlier_targets(
