@@ -96,6 +96,9 @@ def test_every_score_from_one_pass_and_pictures(run) -> None:
     scores = {d for d, _ in rows}
     assert {"heatmap", "msp", "energy", "mahalanobis", "vim", "knn"} <= scores
     assert rows[("heatmap", "faces")]["n_ood"] == 50 and rows[("heatmap", "faces")]["id_acc"] is not None
+    assert (
+        rows[("heatmap", "faces")]["backbone"] == "test_resnet"
+    )  # the classifier's, not the CLI's arguments
     pictures = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "HeatmapPictures")
     assert sorted(p.name for p in pictures.paths) == [
         f"heatmaps_{s}.png" for s in ("faces", "gaussian", "id")

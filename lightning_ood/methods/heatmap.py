@@ -301,8 +301,6 @@ def _floats(value: Any, channels: int) -> tuple[float, ...]:
 def _classifier_spec(classifier: nn.Module, data: dict[str, Any], img_size: int) -> dict[str, Any]:
     """What the classifier was trained for: classes, channels, image size and normalisation (when recorded)."""
     hp = classifier.hparams
-    # the classifier's own data config first: under a running LightningCLI, loading a checkpoint re-applies the
-    # CLI's data -> model links to the loaded hyperparameters (in_chans would read the current data's channels)
     channels = int(data.get("channels") or hp.get("in_chans") or 3)
     head = getattr(classifier, "head", None)
     classes = head.out_features if isinstance(head, nn.Linear) else int(hp.get("num_classes"))
