@@ -27,8 +27,8 @@ class HeatmapModel(Protocol):
 
 class HeatmapPictures(TestPictures):
     """Saves, for the first images of each test set, three rows: the image; its heatmap (the channel-max ``|h|``,
-    on one colour scale for the whole picture, from 0 to its largest value, given in the title); the heatmap
-    over the image. Each column is titled with
+    on the colour scale 0 to 1 of every picture, so that pictures of different sets compare); the heatmap over
+    the image. Each column is titled with
     the image's ``heatmap`` score (mean of the channel-max ``|h|``; higher = more OOD) and predicted class.
 
     Drawn with the tested weights when testing ends, on rank 0, into ``plots/heatmaps_<set>.png`` in the run
@@ -82,15 +82,14 @@ class HeatmapPictures(TestPictures):
         pixels = denormalise(images, dm).permute(0, 2, 3, 1).numpy()
         classes = list(getattr(dm, "class_names", None) or [])
         n = len(images)
-        top = max(float(magnitude.max()), 1e-6)
         fig, axes = plt.subplots(3, n, figsize=(1.8 * n, 5.6), squeeze=False)
         for j in range(n):
             grey = pixels[j].shape[-1] == 1
             shown = pixels[j][..., 0] if grey else pixels[j]
             for row in (0, 2):
                 axes[row, j].imshow(shown, cmap="gray" if grey else None, vmin=0, vmax=1)
-            axes[1, j].imshow(magnitude[j].numpy(), cmap="inferno", vmin=0, vmax=top)
-            axes[2, j].imshow(magnitude[j].numpy(), cmap="inferno", vmin=0, vmax=top, alpha=self.alpha)
+            axes[1, j].imshow(magnitude[j].numpy(), cmap="inferno", vmin=0, vmax=1)
+            axes[2, j].imshow(magnitude[j].numpy(), cmap="inferno", vmin=0, vmax=1, alpha=self.alpha)
             for row in range(3):
                 axes[row, j].axis("off")
             pred = int(preds[j])
@@ -98,8 +97,6 @@ class HeatmapPictures(TestPictures):
             axes[0, j].set_title(f"pred {label}", fontsize=7)
             axes[1, j].set_title(f"score {float(magnitude[j].mean()):.3f}", fontsize=7)
         axes[2, 0].set_title("overlay", fontsize=7, loc="left")
-        fig.suptitle(
-            f"Heatmaps - {name} (|h|, channel max, colours 0 to {top:.3f}; bright = OOD)", fontsize=10
-        )
+        fig.suptitle(f"Heatmaps - {name} (|h|, channel max, colours 0 to 1; bright = OOD)", fontsize=10)
         fig.tight_layout()
         return fig
