@@ -187,6 +187,7 @@ def test_evaluating_the_decoder_checkpoint_repeats_the_scores(run, tmp_path: Pat
         ("--data.init_args.id_set.classes=[0, 1, 2]", "classes 10", "classes 3"),
         ("--data.init_args.channels=3", "channels 1", "channels 3"),
         ("--data.init_args.image_size=20", "image size 16", "image size 20"),
+        ("--data.init_args.mean=0.4", "mean (0.5,)", "mean (0.4,)"),
     ],
 )
 def test_a_classifier_that_does_not_match_the_data_is_refused(
