@@ -195,15 +195,18 @@ class HeatmapOOD(OODMethod):
             with self.trainer.precision_plugin.forward_context():
                 return self.classifier.forward_outputs(images.to(self.device))
 
-        keys = lambda x: pixel_keys(x, self.pixel_mean, self.pixel_std)  # noqa: E731
+        def keys(images: Tensor) -> list[bytes]:
+            return pixel_keys(images, self.pixel_mean, self.pixel_std)
+
+        def id_images(rows: Tensor) -> Tensor:  # uint8 ID training images, not augmented
+            return torch.stack([dm.fit_dataset[int(r)][0] for r in rows])
+
         id_train = describe(dm.fit_dataloader(sharded=False), forward, keys, "ID train", progress)
         self.feature_min.fill_(float(id_train.features.min()))
         self.feature_max.fill_(float(id_train.features.max()))
         aux = describe(dm.aux_fit_dataloader(), forward, keys, "outliers", progress)
         self.cache = OutputCache.of(id_train, aux)
-        fit = dm.fit_dataset
-        images = lambda rows: torch.stack([fit[int(r)][0] for r in rows])  # noqa: E731
-        self.targets = outlier_targets(id_train, aux, images, self.hparams.target_chunk_size)
+        self.targets = outlier_targets(id_train, aux, id_images, self.hparams.target_chunk_size)
         rank_zero_info(
             f"HeatmapOOD: features in [{self.feature_min.item():.4g}, {self.feature_max.item():.4g}] over "
             f"{len(id_train.features)} ID training images; targets for {len(aux.features)} outliers"
@@ -244,9 +247,9 @@ class HeatmapOOD(OODMethod):
         cached = self._cached_outputs(images) if self._trainer is not None else None
         if cached is None:
             return super()._describe(batch)
-        images, targets = images.to(self.device), targets.to(self.device)
-        return self._inputs_from(ModelOutputs(cached.logits.to(self.device), cached.features.to(self.device)),
-                                 images)[0], targets  # fmt: skip
+        images = images.to(self.device)
+        out = ModelOutputs(cached.logits.to(self.device), cached.features.to(self.device))
+        return self._inputs_from(out, images)[0], targets.to(self.device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         (images, _), (outliers, _) = batch[ID_KEY], batch[OUTLIER_KEY]
