@@ -9,7 +9,8 @@
 # Results: $OUT/<benchmark>/seed<k>/ (ood_results.{json,csv,md}, plots/heatmaps_<set>.png, train.log and
 # log/version_0/{metrics.csv,checkpoints/}).
 # Environment: PY (python), OUT (results/heatmap), CLASSIFIERS (results: <CLASSIFIERS>/<benchmark>/seed<k>/
-# checkpoints/best-epoch=001.ckpt, as benchmarks/run_results.sh writes them), SEEDS ("0 1 2"), and the CPU
+# checkpoints/best-epoch=001.ckpt, as benchmarks/run_results.sh writes them), BENCHMARKS ("fashionmnist
+# fashionmnist_openset"), SEEDS ("0 1 2"), and the CPU
 # budget: EPOCHS (1), TRAIN_FRACTION (0.5: of the 422 training batches of an epoch), VAL_BATCHES (4: the first
 # 4 x 512 ID validation images, and every held-out outlier); EXTRA (more train.py arguments).
 # The paper trains 150 epochs: EPOCHS=150 TRAIN_FRACTION=1.0 VAL_BATCHES=1.0 for its budget.
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results/heatmap}
 CLASSIFIERS=${CLASSIFIERS:-results}
+BENCHMARKS=${BENCHMARKS:-"fashionmnist fashionmnist_openset"}
 SEEDS=${SEEDS:-"0 1 2"}
 EPOCHS=${EPOCHS:-1}
 TRAIN_FRACTION=${TRAIN_FRACTION:-0.5}
@@ -43,7 +45,7 @@ run() {  # run <output dir> <train.py arguments...>
 }
 
 if [ "$STAGE" = all ]; then
-  for bench in fashionmnist fashionmnist_openset; do
+  for bench in $BENCHMARKS; do
     for seed in $SEEDS; do
       ckpt="$CLASSIFIERS/$bench/seed$seed/checkpoints/best-epoch=001.ckpt"
       [ -f "$ckpt" ] || { echo "missing classifier $ckpt: run benchmarks/run_results.sh first" >&2; exit 1; }
