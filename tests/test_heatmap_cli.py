@@ -198,3 +198,32 @@ def test_a_classifier_that_does_not_match_the_data_is_refused(
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # size and normalisation are checked at setup
     message = str(error.value)
     assert theirs in message and ours in message and str(classifier_ckpt) in message
+
+
+def test_an_oodformer_checkpoint_is_a_classifier_too(tmp_path: Path) -> None:
+    """Any lightning-ood method that classifies can be the frozen classifier: here a tiny OODformer ViT."""
+    vit = train(
+        [
+            *DATA,
+            "--model",
+            "configs/model/oodformer_tiny.yaml",
+            "--model.init_args.img_size=16",
+            "--model.init_args.backbone_kwargs={embed_dim: 16, depth: 1, num_heads: 2}",
+            "--model.init_args.scheduler.init_args.warmup_steps=1",
+            *FAST,
+            *csv_logger(tmp_path / "vit"),
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--test_after_fit=false",
+        ]
+    )
+    ckpt = Path(vit.trainer.checkpoint_callback.best_model_path)
+    cli = OODCLI(
+        args=[*heatmap_args(ckpt), *FAST, *csv_logger(tmp_path / "heatmap"), "--trainer.max_epochs=1"]
+    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert type(cli.model.classifier).__name__ == "OODformer" and cli.model.decoder.image_size == 16
+    fresh = load_method(ckpt).state_dict()
+    assert all(torch.equal(v, cli.model.classifier.state_dict()[k]) for k, v in fresh.items())
+    scores = cli.model.native_scores(cli.model.forward_outputs(torch.zeros(2, 1, 16, 16)), torch.zeros(0))
+    assert scores["heatmap"].shape == (2,) and torch.isfinite(scores["heatmap"]).all()
