@@ -65,6 +65,12 @@ def load_method(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module
     module_name, _, name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), name)
     model = cls.load_from_checkpoint(p, map_location=map_location)
+    # Loaded while a LightningCLI instantiates another model (a method that loads its frozen sub-model in its
+    # __init__), save_hyperparameters() records the CLI's arguments of that model instead: keep the checkpoint's.
+    saved = ckpt.get("hyper_parameters")
+    if saved is not None:
+        model.hparams.clear()
+        model.hparams.update(saved)
     return freeze(model)
 
 

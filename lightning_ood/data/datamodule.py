@@ -11,7 +11,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from lightning_ood.contract import ID_KEY, OUTLIER_KEY
@@ -32,6 +32,7 @@ from lightning_ood.data.datasets import (
 from lightning_ood.data.derived import TestSetBuilder
 from lightning_ood.data.disjoint import check_aux_disjoint
 from lightning_ood.data.loaders import LoaderFactory
+from lightning_ood.data.outliers import split_outliers
 from lightning_ood.data.samplers import (
     distributed_world,
 )
@@ -71,6 +72,9 @@ class OODDataModule(LightningDataModule):
             ``train_transforms``.
         batch_size: training batch size; eval_batch_size: for val/test/fit loaders (``None``: ``batch_size``).
         aux_batch_size: outliers per training batch (``None``: ``batch_size``).
+        aux_val_fraction: fraction of the auxiliary outliers held out (seeded) for validation, in [0, 1): never
+            in training batches; a method that trains with outliers then validates on ``[id_val, aux_val]``
+            (:meth:`val_dataloader`), so its validation loss sees outliers without touching any test set.
         num_workers: DataLoader workers per loader.
         seed: seeds the ID train/val split, every limit subset and the shuffling order.
         test_set_builders: test sets derived at test time from the data and the model under test (e.g.
@@ -98,6 +102,7 @@ class OODDataModule(LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int | None = None,
         aux_batch_size: int | None = None,
+        aux_val_fraction: float = 0.0,
         num_workers: int = 0,
         seed: int = 0,
         test_set_builders: list[TestSetBuilder] | None = None,
@@ -124,6 +129,9 @@ class OODDataModule(LightningDataModule):
         self._derived_groups = derived_set_groups(self.test_set_builders, self.ood_sets)
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0 <= aux_val_fraction < 1:
+            raise ValueError(f"aux_val_fraction must be in [0, 1), got {aux_val_fraction}")
+        self.aux_val_fraction = aux_val_fraction
         sizes = {
             "batch_size": batch_size,
             "eval_batch_size": eval_batch_size,
@@ -132,7 +140,8 @@ class OODDataModule(LightningDataModule):
         for key, value in [*((f"{k}_limit", v) for k, v in self.limits.items()), *sizes.items()]:
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be a positive integer or null, got {value}")
-        self._splits: dict[str, ImageDataset] = {}  # train, val, fit (train, not augmented), aux
+        # train, val, fit (train, not augmented); aux, aux_val, aux_all (every outlier, not augmented) on first use
+        self._splits: dict[str, Dataset] = {}
         self._test_sets: dict[str, ImageDataset] = {}  # keyed by test_set_names
         self._class_names: list[str] | None = None
         self._loaders = LoaderFactory(
@@ -303,9 +312,10 @@ class OODDataModule(LightningDataModule):
                 raise ValueError("aux_set has no images after class selection and limit")
             tests = {k: d.images for k, d in self._test_sets.items()}
             check_aux_disjoint(aux.images, tests, f"aux_set ({self.aux_set.source})")
-            self._splits["aux"] = aux
+            self._splits.update(split_outliers(aux, self.aux_val_fraction, self.seed))
             rank_zero_info(
-                f"OODDataModule: {len(self._splits['aux'])} auxiliary outliers ({self.aux_set.source})"
+                f"OODDataModule: {len(self._splits['aux'])} auxiliary outliers for training, "
+                f"{len(self._splits['aux_val'])} held out for validation ({self.aux_set.source})"
             )
         return self._splits["aux"]
 
@@ -318,6 +328,7 @@ class OODDataModule(LightningDataModule):
         others = [(s.name, s.group, s, self._test_sets[s.name]) for s in self.ood_sets]
         if "aux" in self._splits:
             others.append(("aux", "aux", self.aux_set, self._splits["aux"]))
+            others.append(("aux_val", "aux", self.aux_set, self._splits["aux_val"]))
         for name, group, spec, dataset in others:
             split = resolve_split(spec.source, spec.split, name)
             rows.append((name, group, spec.source, split, str(len(dataset))))
@@ -328,11 +339,13 @@ class OODDataModule(LightningDataModule):
         return text_table(head, rows)
 
     # ----------------------------------------------------------------------------------- loaders
-    def _dataset_for(self, key: str) -> ImageDataset:
-        """A built ID split or the aux set (built on first use); fails before ``setup``."""
+    def _dataset_for(self, key: str) -> Dataset:
+        """A built ID split or an aux split (built on first use); fails before ``setup``."""
         if not self._test_sets:
             raise RuntimeError("call setup() before asking for dataloaders")
-        return self._build_aux() if key == "aux" else self._splits[key]
+        if key.startswith("aux"):
+            self._build_aux()
+        return self._splits[key]
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         """ID train split, augmented, shuffled (Lightning inserts its DistributedSampler under DDP).
@@ -350,8 +363,15 @@ class OODDataModule(LightningDataModule):
         return CombinedLoader({ID_KEY: id_loader, OUTLIER_KEY: outliers}, mode="min_size")
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """ID validation split, not augmented; ``[]`` when ``val_fraction`` is 0."""
+        """ID validation split, not augmented; ``[]`` when ``val_fraction`` is 0.
+
+        For a method that trains with outliers, when ``aux_val_fraction > 0``: ``[id_val, aux_val]``
+        (``dataloader_idx`` 0 and 1; the first may be empty), the held-out outliers not augmented.
+        """
         dataset = self._dataset_for("val")
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if getattr(module, "uses_outliers", False) and self.aux_val_fraction > 0:
+            return [self._loaders.unpadded(dataset), self._loaders.unpadded(self._dataset_for("aux_val"))]
         return self._loaders.unpadded(dataset) if len(dataset) else []
 
     def test_dataloader(self) -> list[DataLoader]:
@@ -387,9 +407,20 @@ class OODDataModule(LightningDataModule):
         """The ID training images detectors are fitted on (not augmented), in :meth:`fit_dataloader` order."""
         return self._dataset_for("fit")
 
-    def fit_dataloader(self) -> DataLoader:
-        """ID **train** split, **not augmented**, not shuffled: for fitting detectors' statistics."""
-        return self._loaders.unpadded(self._dataset_for("fit"))
+    def fit_dataloader(self, sharded: bool = True) -> DataLoader:
+        """ID **train** split, **not augmented**, not shuffled: for fitting detectors' statistics.
+
+        ``sharded=False``: every rank gets every image (for work each rank repeats, e.g. a method's
+        precomputed training targets).
+        """
+        if sharded:
+            return self._loaders.unpadded(self._dataset_for("fit"))
+        return self._loaders.plain(self._dataset_for("fit"), self.eval_batch_size, shuffle=False)
+
+    def aux_fit_dataloader(self) -> DataLoader:
+        """Every auxiliary outlier (training and held-out part), **not augmented**, not shuffled, not sharded:
+        for precomputing per-outlier training targets on every rank."""
+        return self._loaders.plain(self._dataset_for("aux_all"), self.eval_batch_size, shuffle=False)
 
     def aux_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Auxiliary outliers (targets ``-1``), augmented, shuffled, a different order on every DDP rank.
@@ -405,9 +436,11 @@ class OODDataModule(LightningDataModule):
 
     def aux_eval_dataloader(self) -> DataLoader:
         """Auxiliary outliers (targets ``-1``), **not augmented**, in order, each scored once under DDP: the
-        OOD side of the detector search (``DetectorSearch``), never a test set."""
-        aux = self._dataset_for("aux")
-        return self._loaders.unpadded(ImageDataset(aux.images, aux.targets))
+        OOD side of the detector search (``DetectorSearch``), never a test set. The held-out part
+        (``aux_val_fraction > 0``) when there is one, so a method trained on outliers is not searched on
+        the outliers it saw; else every outlier."""
+        held_out = self._dataset_for("aux_val")
+        return self._loaders.unpadded(held_out if len(held_out) else self._dataset_for("aux_all"))
 
     def fit_fingerprint(self) -> dict[str, object]:
         """Everything that decides the detector-fit images and how they look (the fit cache's key): the ID

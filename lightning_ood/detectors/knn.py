@@ -207,3 +207,33 @@ def kth_largest_cosine(queries: Tensor, bank: Tensor, k: int, chunk_size: int) -
         best = top
     assert best is not None
     return best.amin(dim=1)  # best holds exactly the k largest: its minimum is the k-th largest
+
+
+def nearest_euclidean(queries: Tensor, bank: Tensor, chunk_size: int = 8192) -> Tensor:
+    """Row index of the Euclidean-nearest ``bank`` row of every query, exact, chunk by chunk over the bank.
+
+    Distances ``||q||^2 - 2 q.b + ||b||^2`` are computed in float64 (so the argmin is that of the exact distances
+    up to float64 rounding); ties go to the lowest index. Peak extra memory: ``B * chunk_size`` float64 values.
+
+    Args:
+        queries: ``[B, D]``.
+        bank: ``[N, D]``, ``N >= 1``, any float dtype and device (moved one chunk at a time to the queries').
+        chunk_size: bank rows per chunk.
+
+    Returns:
+        ``[B]`` long indices into ``bank``.
+    """
+    if bank.shape[0] == 0:
+        raise ValueError("nearest_euclidean needs a non-empty bank")
+    q = queries.detach().double()
+    q_sq = q.square().sum(dim=1, keepdim=True)
+    best = torch.full((len(q),), float("inf"), dtype=torch.float64, device=q.device)
+    index = torch.zeros(len(q), dtype=torch.long, device=q.device)
+    for start in range(0, bank.shape[0], chunk_size):
+        chunk = bank[start : start + chunk_size].to(q.device, torch.float64)
+        dist = q_sq - 2 * q @ chunk.T + chunk.square().sum(dim=1)  # [B, c]
+        value, where = dist.min(dim=1)
+        closer = value < best  # strict: an equal distance in a later chunk keeps the lower index
+        best = torch.where(closer, value, best)
+        index = torch.where(closer, where + start, index)
+    return index

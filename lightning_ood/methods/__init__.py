@@ -4,6 +4,7 @@ from lightning_ood.contract import TestStepOutput
 from lightning_ood.methods.base import OODMethod
 from lightning_ood.methods.classifier import Classifier
 from lightning_ood.methods.frozen_encoder import FrozenEncoder
+from lightning_ood.methods.heatmap import HeatmapOOD
 from lightning_ood.methods.oodformer import OODformer
 from lightning_ood.methods.ssod import SSOD
 from lightning_ood.methods.supervised import SupervisedMethod
@@ -12,6 +13,7 @@ __all__ = [
     "SSOD",
     "Classifier",
     "FrozenEncoder",
+    "HeatmapOOD",
     "OODMethod",
     "OODformer",
     "SupervisedMethod",
