@@ -11,6 +11,7 @@ The input is taken as ``x_{t_0}`` and the output is ``x_{t_0}``, so an exact ODE
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable
 
@@ -60,7 +61,7 @@ def ddim_invert(
     """``x_{t_0}`` -> ``x_{t_S}`` along ``timesteps`` (increasing), ``eps`` conditioned on ``labels`` (None:
     unconditional, as the reference code's latent setting)."""
     a = denoiser.alphas_cumprod
-    for t_from, t_to in zip(timesteps[:-1], timesteps[1:], strict=True):
+    for t_from, t_to in itertools.pairwise(timesteps):
         eps = guided_noise(denoiser, z, t_from, labels, scale)
         z = ddim_step(z, eps, float(a[t_from]), float(a[t_to]))
     return z

@@ -194,10 +194,7 @@ class LatentDenoiser(Denoiser):
     def encode(self, x: Tensor) -> Tensor:
         x = _resize(_to_channels(x, int(self.vae.config.in_channels)), self.image_size)
         encoded = self.vae.encode(x)
-        if hasattr(encoded, "latent_dist"):
-            z = encoded.latent_dist.mean
-        else:
-            z = encoded.latents
+        z = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
         return z * self.scaling_factor
 
     def decode(self, z: Tensor, shape: tuple[int, int, int]) -> Tensor:
