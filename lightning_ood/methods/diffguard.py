@@ -66,6 +66,8 @@ class DiffGuard(OODMethod):
         combine_val_images: how many ID validation images (the first of the seeded split) the standardisation
             statistics come from.
         diffusion_batch_size: images per diffusion pass (``None``: the whole batch); bounds memory.
+        diffusion_weights: of a ``DiffusionModel`` checkpoint, the moving average (``"ema"``) or the trained
+            weights (``"raw"``).
         input_mean, input_std: the batches' normalisation (``None``: the data config's).
         detectors: library detectors on the classifier's outputs (``None``: every applicable one).
     """
@@ -90,6 +92,7 @@ class DiffGuard(OODMethod):
         combine_measure: Literal["logits", "features", "l2", "ssim"] = "logits",
         combine_val_images: int = 500,
         diffusion_batch_size: int | None = None,
+        diffusion_weights: Literal["ema", "raw"] = "ema",
         input_mean: list[float] | None = None,
         input_std: list[float] | None = None,
         detectors: Sequence[Detector] | None = None,
@@ -109,7 +112,7 @@ class DiffGuard(OODMethod):
                 "data config it was trained on"
             )
         self.register_frozen("classifier", net, source=classifier)
-        denoiser, weights = load_denoiser(diffusion)
+        denoiser, weights = load_denoiser(diffusion, diffusion_weights)
         self.register_frozen("diffusion", denoiser, source=weights)
         self.t_star = int(t_star) if t_star is not None else denoiser.num_train_timesteps - 1
         self.timesteps = ddim_timesteps(self.t_star, steps)

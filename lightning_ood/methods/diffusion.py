@@ -165,9 +165,13 @@ class DiffusionModel(OODMethod):
         """The EMA weights when kept, else the trained ones."""
         return self.ema_unet if self.ema_unet is not None else self.unet
 
-    def denoiser(self) -> UNetDenoiser:
-        """The network used for sampling (EMA if kept) with this model's noise schedule, as DiffGuard uses it."""
-        return UNetDenoiser(self.sampling_unet, self.alphas_cumprod, name=self.run_config["backbone"])
+    def denoiser(self, weights: Literal["ema", "raw"] = "ema") -> UNetDenoiser:
+        """The network with this model's noise schedule, as DiffGuard uses it: the moving average of the weights
+        (``"ema"``, when kept; else the trained weights) or the trained weights (``"raw"``)."""
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"DiffusionModel.denoiser weights must be 'ema' or 'raw', got {weights!r}")
+        unet = self.unet if weights == "raw" else self.sampling_unet
+        return UNetDenoiser(unet, self.alphas_cumprod, name=self.run_config["backbone"])
 
     @torch.no_grad()
     def sample(

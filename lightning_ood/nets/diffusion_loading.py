@@ -19,16 +19,17 @@ LATENT_PIPELINES = ("DiTPipeline", "LDMPipeline")
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-def load_denoiser(source: str | Path) -> tuple[Denoiser, Path]:
+def load_denoiser(source: str | Path, weights: str = "ema") -> tuple[Denoiser, Path]:
     """The denoiser in ``source`` and the file whose content identifies it (the checkpoint, or the network's
-    weights file in a pipeline folder), for the frozen sub-model's hash.
+    weights file in a pipeline folder), for the frozen sub-model's hash. ``weights``: a ``DiffusionModel``
+    checkpoint's moving average (``"ema"``) or trained weights (``"raw"``); a pipeline folder has one set.
 
     Raises:
         FileNotFoundError / ValueError: with what was found and what is accepted.
     """
     path = Path(source).expanduser()
     if path.is_file():
-        return _from_checkpoint(path), path
+        return _from_checkpoint(path, weights), path
     if path.is_dir():
         return _from_pipeline(path)
     raise FileNotFoundError(
@@ -38,7 +39,7 @@ def load_denoiser(source: str | Path) -> tuple[Denoiser, Path]:
     )
 
 
-def _from_checkpoint(path: Path) -> Denoiser:
+def _from_checkpoint(path: Path, weights: str) -> Denoiser:
     from lightning_ood.frozen import load_method
     from lightning_ood.methods.diffusion import DiffusionModel
 
@@ -48,7 +49,7 @@ def _from_checkpoint(path: Path) -> Denoiser:
             f"{str(path)!r} is a {type(model).__name__} checkpoint, not a DiffusionModel; point "
             "model.init_args.diffusion at a diffusion checkpoint or a diffusers pipeline folder"
         )
-    return model.denoiser()
+    return model.denoiser(weights)
 
 
 def _component(folder: Path, name: str, spec: list[str]) -> nn.Module:
