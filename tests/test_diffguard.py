@@ -184,3 +184,39 @@ def test_latent_dit_pipeline_through_its_vae(root, tmp_path):
     with torch.no_grad():
         regen = dg.regenerate(x)
     assert regen.regenerated.shape == x.shape and regen.reference.shape == x.shape
+
+
+def _standardise_on_rank(rank: int, scores: dict, world: int) -> tuple:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_ood.methods.diffguard_fit import validation_subset
+    from lightning_ood.methods.diffguard_scores import Standardiser
+
+    std = Standardiser(tuple(scores))
+    std.update({k: v[rank::world] for k, v in scores.items()})
+    std.finalize()
+
+    class Data:  # the part of OODDataModule that validation_subset reads
+        def val_dataloader(self):
+            return DataLoader(TensorDataset(torch.arange(23)), batch_size=4)
+
+    seen = torch.cat([b[0] for b in validation_subset(Data(), 15)])
+    return std.moments, seen
+
+
+@pytest.mark.slow
+def test_standardisation_statistics_are_summed_across_ranks():
+    from ddp_helpers import run_ddp
+
+    from lightning_ood.methods.diffguard_scores import Standardiser
+
+    g = torch.Generator().manual_seed(6)
+    scores = {"diffguard_logits": torch.rand(11, generator=g), "energy": torch.randn(11, generator=g)}
+    (m0, seen0), (m1, seen1) = run_ddp(_standardise_on_rank, scores, 2)
+    one = Standardiser(tuple(scores))
+    one.update(scores)
+    one.finalize()
+    torch.testing.assert_close(m0, one.moments)
+    torch.testing.assert_close(m1, one.moments)
+    # the validation subset: the first 15 images, each on exactly one rank
+    assert sorted(torch.cat([seen0, seen1]).tolist()) == list(range(15))
