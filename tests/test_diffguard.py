@@ -11,7 +11,7 @@ from diffusion_helpers import CLASSES, SIZE, TIMESTEPS, save, tiny_checkpoints, 
 from lightning_ood.contract import DetectorInputs
 from lightning_ood.detectors import Energy
 from lightning_ood.frozen import file_sha256
-from lightning_ood.nets.ddim import ddim_invert, ddim_regenerate, ddim_timesteps
+from lightning_ood.nets.ddim import ddim_invert, ddim_regenerate, ddim_step, ddim_timesteps
 from lightning_ood.nets.diffusion_loading import load_denoiser
 
 
@@ -220,3 +220,20 @@ def test_standardisation_statistics_are_summed_across_ranks():
     torch.testing.assert_close(m1, one.moments)
     # the validation subset: the first 15 images, each on exactly one rank
     assert sorted(torch.cat([seen0, seen1]).tolist()) == list(range(15))
+
+
+def test_clipped_ddim_step_keeps_the_predicted_x0_on_the_image_range():
+    g = torch.Generator().manual_seed(7)
+    x, eps = torch.randn(3, 1, 4, 4, generator=g), torch.randn(3, 1, 4, 4, generator=g)
+    a_from, a_to = 0.05, 0.5
+    x0 = (x - (1 - a_from) ** 0.5 * eps) / a_from**0.5
+    assert x0.abs().max() > 1  # the case the clamp is for
+    clipped = ddim_step(x, eps, a_from, a_to, clip=True)
+    # by hand: x0 clamped, eps re-derived from x and the clamped x0, then the DDIM update
+    x0c = x0.clamp(-1, 1)
+    eps_c = (x - a_from**0.5 * x0c) / (1 - a_from) ** 0.5
+    torch.testing.assert_close(clipped, a_to**0.5 * x0c + (1 - a_to) ** 0.5 * eps_c)
+    inside = a_from**0.5 * torch.rand(3, 1, 4, 4, generator=g) + (1 - a_from) ** 0.5 * eps  # x0 in [0, 1]
+    torch.testing.assert_close(
+        ddim_step(inside, eps, a_from, a_to, clip=True), ddim_step(inside, eps, a_from, a_to)
+    )

@@ -241,16 +241,19 @@ class DiffGuard(OODMethod):
             z_star = ddim_invert(den, den.encode(unit), self.timesteps, labels=None)
         if self.hparams.guidance == "classifier_free":
             labels = self.class_map[preds]
-            z = ddim_regenerate(den, z_star, self.timesteps, labels, self.hparams.guidance_scale)
+            z = ddim_regenerate(
+                den, z_star, self.timesteps, labels, self.hparams.guidance_scale, clip=den.clip_sample
+            )
         else:
             z = ddim_regenerate(
-                den, z_star, self.timesteps, None, correction=self._classifier_guidance(preds, shape)
-            )
+                den, z_star, self.timesteps, None, correction=self._classifier_guidance(preds, shape),
+                clip=den.clip_sample,
+            )  # fmt: skip
         with torch.no_grad():
             regenerated = den.decode(z, shape).clamp(-1, 1)
             reference = None
             if self.hparams.reference == "unconditional":
-                z_ref = ddim_regenerate(den, z_star, self.timesteps, None)
+                z_ref = ddim_regenerate(den, z_star, self.timesteps, None, clip=den.clip_sample)
                 reference = den.decode(z_ref, shape).clamp(-1, 1)
         return unit, regenerated, reference
 

@@ -35,9 +35,20 @@ def ddim_timesteps(t_star: int, steps: int) -> list[int]:
     return [round(i * t_star / steps) for i in range(steps + 1)]
 
 
-def ddim_step(x: Tensor, eps: Tensor, alpha_from: float, alpha_to: float) -> Tensor:
-    """One deterministic DDIM step from level ``bar alpha_from`` to ``bar alpha_to`` (either direction)."""
+def ddim_step(x: Tensor, eps: Tensor, alpha_from: float, alpha_to: float, clip: bool = False) -> Tensor:
+    """One deterministic DDIM step from level ``bar alpha_from`` to ``bar alpha_to`` (either direction).
+
+    ``clip``: clamp the predicted ``x0`` to ``[-1, 1]`` (pixel models while regenerating: the reference code's
+    ``clip_denoised``, diffusers' DDIM ``clip_sample``). Near ``t = T`` ``bar alpha`` is close to 0 and
+    ``x0 = (x - sqrt(1 - bar alpha) eps) / sqrt(bar alpha)`` multiplies any error of ``eps`` by up to
+    ``1 / sqrt(bar alpha)`` (about 1e5 at the end of the cosine schedule); the clamp keeps it on the image range.
+    """
     x0 = (x - (1.0 - alpha_from) ** 0.5 * eps) / alpha_from**0.5
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = (x - alpha_from**0.5 * x0) / (
+            1.0 - alpha_from
+        ) ** 0.5  # the noise consistent with the clamped x0
     return alpha_to**0.5 * x0 + (1.0 - alpha_to) ** 0.5 * eps
 
 
@@ -75,8 +86,11 @@ def ddim_regenerate(
     scale: float = 1.0,
     correction: EpsCorrection | None = None,
     progress: bool = False,
+    clip: bool = False,
 ) -> Tensor:
     """``x_{t_S}`` -> ``x_{t_0}`` along ``timesteps`` (given increasing; walked downwards).
+
+    ``clip``: clamp each step's predicted ``x0`` to ``[-1, 1]`` (:func:`ddim_step`).
 
     ``labels`` / ``scale``: classifier-free guidance (:func:`guided_noise`). ``correction``: an extra change of
     ``eps`` per step (classifier guidance); it may use autograd on its own inputs, the network's ``eps`` is
@@ -92,7 +106,7 @@ def ddim_regenerate(
             tt = torch.full((len(z),), t_from, dtype=torch.long, device=z.device)
             eps = correction(z, tt, eps, float(a[t_from]))
         with torch.no_grad():
-            z = ddim_step(z, eps, float(a[t_from]), float(a[t_to]))
+            z = ddim_step(z, eps, float(a[t_from]), float(a[t_to]), clip)
     return z
 
 
@@ -111,4 +125,6 @@ def ddim_sample(
     device = denoiser.alphas_cumprod.device
     z = torch.randn(shape, generator=generator, device="cpu").to(device)
     timesteps = ddim_timesteps(denoiser.num_train_timesteps - 1, steps)
-    return ddim_regenerate(denoiser, z, timesteps, labels, scale, progress=progress)
+    return ddim_regenerate(
+        denoiser, z, timesteps, labels, scale, progress=progress, clip=denoiser.clip_sample
+    )

@@ -86,7 +86,11 @@ class Denoiser(nn.Module):
     Attributes:
         num_classes: classes the network is conditioned on (``0``: unconditional).
         name: a short description for result tables.
+        clip_sample: clamp the predicted ``x0`` to ``[-1, 1]`` while regenerating (pixel models; a latent
+            space has no such range).
     """
+
+    clip_sample: bool = True
 
     def __init__(self, alphas_cumprod: Tensor, num_classes: int = 0, name: str = "diffusion") -> None:
         super().__init__()
@@ -158,6 +162,8 @@ class LatentDenoiser(Denoiser):
         vae: the autoencoder; latents are its mean / quantised code times ``scaling_factor``.
         image_size: the pixel size the VAE expects (images are resized to it and back).
     """
+
+    clip_sample = False
 
     def __init__(
         self,
