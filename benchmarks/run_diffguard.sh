@@ -61,6 +61,7 @@ for bench in fashionmnist fashionmnist_openset; do
 done
 
 for bench in fashionmnist fashionmnist_openset; do
+  $PY benchmarks/diffguard_table.py "$OUT/$bench/ood_results.json" --title "\`$bench\`"
   $PY benchmarks/results_table.py "$OUT/$bench/ood_results.json" \
     --title "DiffGuard on \`$bench\` ($STEPS DDIM steps; $TEST_LIMIT ID / $OOD_LIMIT per OOD set; $(cat "$OUT/$bench/wall_seconds.txt") s)"
 done

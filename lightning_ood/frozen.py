@@ -65,6 +65,13 @@ def load_method(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module
     module_name, _, name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), name)
     model = cls.load_from_checkpoint(p, map_location=map_location)
+    # Loaded while LightningCLI instantiates another method (DiffGuard's classifier and diffusion model), the
+    # nested save_hyperparameters() takes the *outer* method's arguments from the CLI's context: put the loaded
+    # method's own hyperparameters back.
+    saved = ckpt.get("hyper_parameters")
+    if saved:
+        model.hparams.clear()
+        model.hparams.update(saved)
     return freeze(model)
 
 

@@ -62,6 +62,9 @@ def test_diffusion_trains_then_diffguard_evaluates_through_the_cli(tmp_path):
         assert 0.0 <= rows[(score, "all")]["auroc"] <= 1.0, score
     assert rows[("diffguard_l2", "faces")]["n_id"] == 101  # every ID test image scored once
     assert (out / "plots" / "regenerations.png").is_file()
+    # the frozen sub-models keep their own hyperparameters when loaded inside the CLI's instantiation
+    assert ev.model.classifier.hparams.backbone == "test_resnet"
+    assert ev.model.run_config["backbone"] == "test_resnet+unet8-16"
     assert ev.model.standardiser.fitted and int(ev.model.standardiser.moments[0, 0]) == 20
 
 
