@@ -10,6 +10,7 @@ from pathlib import Path
 import diffusers
 from torch import nn
 
+from lightning_ood.frozen import load_method
 from lightning_ood.nets.diffusion import Denoiser, LatentDenoiser, UNetDenoiser
 
 #: Pipelines whose network works on pixels (a ``unet``) and on an autoencoder's latents (``transformer`` or
@@ -40,11 +41,9 @@ def load_denoiser(source: str | Path, weights: str = "ema") -> tuple[Denoiser, P
 
 
 def _from_checkpoint(path: Path, weights: str) -> Denoiser:
-    from lightning_ood.frozen import load_method
-    from lightning_ood.methods.diffusion import DiffusionModel
-
     model = load_method(path)
-    if not isinstance(model, DiffusionModel):
+    # any method that hands out a Denoiser (lightning_ood.methods.DiffusionModel); nets/ imports no method
+    if not callable(getattr(model, "denoiser", None)):
         raise ValueError(
             f"{str(path)!r} is a {type(model).__name__} checkpoint, not a DiffusionModel; point "
             "model.init_args.diffusion at a diffusion checkpoint or a diffusers pipeline folder"
