@@ -2,7 +2,8 @@
 # DiffGuard protecting the quickstart classifiers on both offline Fashion-MNIST benchmarks (docs/results.md,
 # "DiffGuard"). Step 1 trains the diffusion model unless DIFFUSION points at one; step 2 evaluates DiffGuard on
 # each benchmark with a seeded subset of the test sets: TEST_LIMIT ID test images and OOD_LIMIT images per OOD
-# set (data seed 0), the combined score standardised on VAL_IMAGES ID validation images.
+# set (data seed 0), the combined score standardised on VAL_IMAGES ID validation images; GUIDANCE picks the
+# back-end (classifier_free, or classifier) and BENCHMARKS the benchmarks.
 # Resumable: a step whose result file exists is skipped (delete its folder to redo it).
 #   CLASSIFIER_FMNIST=<ckpt> CLASSIFIER_OPENSET=<ckpt> bash benchmarks/run_diffguard.sh
 # Writes $OUT/{diffusion,fashionmnist,fashionmnist_openset}/ and prints the Markdown tables.
@@ -16,6 +17,8 @@ STEPS=${STEPS:-10}
 TEST_LIMIT=${TEST_LIMIT:-300}
 OOD_LIMIT=${OOD_LIMIT:-100}
 VAL_IMAGES=${VAL_IMAGES:-200}
+GUIDANCE=${GUIDANCE:-classifier_free}   # or classifier (the protected classifier guides; use another OUT)
+BENCHMARKS=${BENCHMARKS:-fashionmnist fashionmnist_openset}
 COMMON=(--trainer.logger=false --trainer.enable_progress_bar=false --ood_eval.print_table=false)
 mkdir -p "$OUT"
 
@@ -45,7 +48,7 @@ for spec in args["ood_sets"]:
 yaml.safe_dump(config, open(dst, "w"), sort_keys=False)
 PYEOF
 }
-for bench in fashionmnist fashionmnist_openset; do
+for bench in $BENCHMARKS; do
   dir="$OUT/$bench"
   [ -f "$dir/ood_results.json" ] && { echo "$bench: done"; continue; }
   mkdir -p "$dir"
@@ -55,12 +58,13 @@ for bench in fashionmnist fashionmnist_openset; do
   $PY evaluate.py --config configs/diffguard_fashionmnist.yaml "${COMMON[@]}" --data "$dir/data.yaml" \
     --model.init_args.classifier "$classifier" --model.init_args.diffusion "$DIFFUSION" \
     --model.init_args.steps "$STEPS" --model.init_args.combine_val_images "$VAL_IMAGES" \
+    --model.init_args.guidance "$GUIDANCE" \
     --trainer.default_root_dir "$dir" --ood_eval.output_dir "$dir" \
     --trainer.callbacks.init_args.output_dir "$dir"
   echo $(( $(date +%s) - start )) > "$dir/wall_seconds.txt"
 done
 
-for bench in fashionmnist fashionmnist_openset; do
+for bench in $BENCHMARKS; do
   $PY benchmarks/diffguard_table.py "$OUT/$bench/ood_results.json" --title "\`$bench\`"
   $PY benchmarks/results_table.py "$OUT/$bench/ood_results.json" \
     --title "DiffGuard on \`$bench\` ($STEPS DDIM steps; $TEST_LIMIT ID / $OOD_LIMIT per OOD set; $(cat "$OUT/$bench/wall_seconds.txt") s)"
