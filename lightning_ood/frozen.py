@@ -65,10 +65,11 @@ def load_method(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module
     module_name, _, name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), name)
     model = cls.load_from_checkpoint(p, map_location=map_location)
-    # Loaded while a LightningCLI instantiates another model (a method that loads its frozen sub-model in its
-    # __init__), save_hyperparameters() records the CLI's arguments of that model instead: keep the checkpoint's.
+    # Loaded while LightningCLI instantiates another method (HeatmapOOD's classifier, DiffGuard's classifier and
+    # diffusion model), the nested save_hyperparameters() takes the *outer* method's arguments from the CLI's
+    # context: put the loaded method's own hyperparameters back.
     saved = ckpt.get("hyper_parameters")
-    if saved is not None:
+    if saved:
         model.hparams.clear()
         model.hparams.update(saved)
     return freeze(model)

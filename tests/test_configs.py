@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from diffusion_helpers import save
 from encoder_helpers import ENCODER_FIXTURES, encoder_override, frozen_encoder_kind
 
 from lightning_ood.cli import OODCLI
@@ -48,6 +49,32 @@ def _heatmap_classifier(path: Path, group: str, request: pytest.FixtureRequest) 
     return args + (grey if "cifar" in path.stem else [])
 
 
+@pytest.fixture(scope="module")
+def diffguard_parts(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A DiffGuard config names checkpoints that do not exist here: a tiny 10-class classifier and diffusion model."""
+    from lightning_ood.methods import Classifier, DiffusionModel
+
+    root = tmp_path_factory.mktemp("diffguard_parts")
+    classifier = save(
+        Classifier(backbone="test_resnet", num_classes=10, in_chans=1), root / "classifier.ckpt"
+    )
+    diffusion = DiffusionModel(
+        num_classes=10, in_chans=1, sample_size=16, block_out_channels=(8, 16), norm_num_groups=4
+    )
+    return [
+        f"--model.init_args.classifier={classifier}",
+        f"--model.init_args.diffusion={save(diffusion, root / 'diffusion.ckpt')}",
+    ]
+
+
+def _tiny_diffguard(path: Path, group: str, request: pytest.FixtureRequest) -> list[str]:
+    text = yaml.safe_load(path.read_text()) or {}
+    model = text.get("model", {}) if group == "full" else text
+    if not isinstance(model, dict) or not str(model.get("class_path", "")).endswith("DiffGuard"):
+        return []
+    return request.getfixturevalue("diffguard_parts")
+
+
 def _cases() -> list[tuple[str, Path]]:
     cases = [("full", p) for p in sorted(CONFIGS.glob("*.yaml"))]
     for group in ("data", "model", "trainer", "detector_search"):
@@ -65,6 +92,7 @@ def test_config_instantiates(group: str, path: Path, request: pytest.FixtureRequ
         args = [*BASE, f"--{group}", str(path), *CPU, *_no_pretrained(path, group)]
     args += _tiny_encoder(path, group, request) if group in ("full", "model") else []
     args += _heatmap_classifier(path, group, request)
+    args += _tiny_diffguard(path, group, request) if group in ("full", "model") else []
     cli = OODCLI(args=args)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes

@@ -20,6 +20,12 @@ SHRINK = {
         "--model.init_args.scheduler.init_args.warmup_steps=1",
     ],
     "classifier": [],
+    "diffusion_tiny": [],
+    "diffusion_unet": [  # three levels on 16 px (16, 8, 4), narrow
+        "--model.init_args.sample_size=16",
+        "--model.init_args.block_out_channels=[8, 16, 16]",
+        "--model.init_args.scheduler.init_args.warmup_steps=1",
+    ],
     # ResNet-50 at 16 px: one narrow block per stage and output_stride 8 (a 2x2 map instead of 1x1)
     "ssod_resnet50": [
         "--model.init_args.img_size=16",
@@ -68,18 +74,15 @@ def test_frozen_encoder_config_evaluates_without_training(
 )
 def test_method_config_fits_and_tests(config: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     shrink = next(v for k, v in SHRINK.items() if config.stem.startswith(k))
-    if config.stem.startswith(
-        "heatmap"
-    ):  # a decoder on a frozen classifier: the tiny one, no pretrained weights
+    if config.stem.startswith("heatmap"):  # a decoder on a frozen classifier: the tiny one
         shrink = [*shrink, f"--model.init_args.classifier_ckpt={request.getfixturevalue('classifier_ckpt')}"]
-    else:
-        shrink = ["--model.init_args.pretrained=false", *shrink]
     cli = train(
         [
             "--data",
             "configs/data/digits_tiny.yaml",
             "--model",
             str(config),
+            *(["--model.init_args.pretrained=false"] if "pretrained:" in config.read_text() else []),
             *shrink,
             *FAST,
             *csv_logger(tmp_path),
