@@ -15,7 +15,7 @@ Fit passes are one-off (cached beside a checkpoint), so the ratios compare test-
 runs the network's forward and backward pass itself.
 
     python benchmarks/detector_costs.py --ckpt results/fashionmnist/seed0/checkpoints/best-epoch=001.ckpt \
-        --data configs/data/fashionmnist.yaml --out docs/detector_costs.md
+        --data configs/data/fashionmnist.yaml --ivf 256:16 1024:2 1024:4 --hnsw 32:128 16:16 32:32
 """
 
 from __future__ import annotations
@@ -125,6 +125,12 @@ def main() -> None:
         "--data-override", nargs="*", default=[], help="e.g. --data.init_args.train_limit=2000"
     )
     parser.add_argument("--knn-fractions", nargs="*", type=float, default=[0.01, 0.02, 0.05, 0.1])
+    parser.add_argument(
+        "--ivf", nargs="*", default=["256:16"], help="faiss IVF settings to try, each nlist:nprobe"
+    )
+    parser.add_argument(
+        "--hnsw", nargs="*", default=["32:128"], help="faiss HNSW settings to try, each M:efSearch"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path, help="also write the Markdown here")
     args = parser.parse_args()
@@ -182,11 +188,23 @@ def main() -> None:
     options: list[tuple[str, Callable[[], KNN]]] = [
         (f"bank_fraction={f}", lambda f=f: KNN(bank_fraction=f)) for f in args.knn_fractions
     ]
-    options += [
-        ("index=faiss_flat", lambda: KNN(index="faiss_flat")),
-        ("index=faiss_ivf (nlist 256, nprobe 16)", lambda: KNN(index="faiss_ivf")),
-        ("index=faiss_hnsw (M 32, ef 128)", lambda: KNN(index="faiss_hnsw")),
-    ]
+    options.append(("index=faiss_flat", lambda: KNN(index="faiss_flat")))
+    for setting in args.ivf:
+        nlist, nprobe = (int(v) for v in setting.split(":"))
+        options.append(
+            (
+                f"index=faiss_ivf, nlist={nlist}, nprobe={nprobe}",
+                lambda a=nlist, b=nprobe: KNN(index="faiss_ivf", nlist=a, nprobe=b),
+            )
+        )
+    for setting in args.hnsw:
+        m, ef = (int(v) for v in setting.split(":"))
+        options.append(
+            (
+                f"index=faiss_hnsw, hnsw_m={m}, ef_search={ef}",
+                lambda a=m, b=ef: KNN(index="faiss_hnsw", hnsw_m=a, ef_search=b),
+            )
+        )
     flat_s = None
     _, rest_s, _ = _score([d for d in dets if d.name != "knn"], model, sets)
     for label, make in options:

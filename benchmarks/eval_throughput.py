@@ -10,7 +10,8 @@
 The network is randomly initialised: throughput does not depend on the weights.
 
     python benchmarks/eval_throughput.py --mode loop
-    python benchmarks/eval_throughput.py --mode detectors
+    python benchmarks/eval_throughput.py --mode detectors \
+        --knn '{"index": "faiss_hnsw", "hnsw_m": 16, "ef_search": 16}' '{"index": "faiss_ivf", "nlist": 1024, "nprobe": 4}'
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def defaults_without(name: str) -> str:
     """The default detector list minus one detector, as a ``--model.init_args.detectors`` argument."""
     kept = [d for d in default_detectors(CONSUMABLES) if d.name != name]
     paths = [f'{{"class_path": "{type(d).__module__}.{type(d).__name__}"}}' for d in kept]
+    return f"--model.init_args.detectors=[{', '.join(paths)}]"
+
+
+def defaults_with_knn(knn_init: str) -> str:
+    """The default detector list with KNN built from ``knn_init`` (JSON init_args, e.g. an index option)."""
+    paths = []
+    for d in default_detectors(CONSUMABLES):
+        init = f', "init_args": {knn_init}' if d.name == "knn" else ""
+        paths.append(f'{{"class_path": "{type(d).__module__}.{type(d).__name__}"{init}}}')
     return f"--model.init_args.detectors=[{', '.join(paths)}]"
 
 
@@ -110,6 +120,7 @@ def run_detectors(args: argparse.Namespace) -> None:
             ("MSP only", MSP_ONLY),
             ("all defaults", None),
             ("all defaults but KNN", defaults_without("knn")),
+            *((f"all defaults, KNN {knn}", defaults_with_knn(knn)) for knn in args.knn),
         )
         for label, det_arg in variants:
             cli = build(args, det_arg, out)
@@ -138,6 +149,13 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--knn",
+        nargs="*",
+        default=[],
+        help="extra rows: every default detector with KNN built from these JSON init_args, e.g. "
+        '\'{"index": "faiss_hnsw", "hnsw_m": 16, "ef_search": 16}\'',
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     (run_loop if args.mode == "loop" else run_detectors)(args)
