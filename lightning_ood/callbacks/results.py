@@ -55,21 +55,6 @@ def build_rows(
     ``intervals[detector][set_or_group]`` (from ``bootstrap_intervals``), when given, adds the
     ``INTERVAL_COLUMNS`` to every row.
     """
-    rows = _rows(per_set, sizes, groups, n_id, id_acc, run)
-    if intervals is not None:
-        for row in rows:
-            row.update(intervals[row["detector"]][row["set"]])
-    return rows
-
-
-def _rows(
-    per_set: Mapping[str, Mapping[str, Mapping[str, float]]],
-    sizes: Mapping[str, int],
-    groups: Mapping[str, str],
-    n_id: int,
-    id_acc: float | None,
-    run: Mapping[str, Any],
-) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     base = {k: run.get(k, "") for k in RUN_KEYS}
     for detector, sets in per_set.items():
@@ -105,6 +90,9 @@ def _rows(
                     "id_acc": id_acc,
                 }
             )
+    if intervals is not None:
+        for row in rows:
+            row.update(intervals[row["detector"]][row["set"]])
     return rows
 
 

@@ -27,6 +27,7 @@ from lightning_ood.frozen import load_method
 from lightning_ood.methods.base import OODMethod
 from lightning_ood.methods.diffguard_fit import fit_standardiser
 from lightning_ood.methods.diffguard_scores import MEASURES, Standardiser, similarity_scores
+from lightning_ood.methods.input_norm import InputNormalisation
 from lightning_ood.nets.ddim import ddim_invert, ddim_regenerate, ddim_timesteps
 from lightning_ood.nets.diffusion_loading import load_denoiser
 
@@ -40,7 +41,7 @@ class Regeneration(NamedTuple):
     reference: Tensor | None  # the unconditional regeneration, or None (reference = input)
 
 
-class DiffGuard(OODMethod):
+class DiffGuard(InputNormalisation, OODMethod):
     """DiffGuard around a frozen classifier checkpoint and a frozen diffusion model (module doc).
 
     Defaults follow the reference code: 25 DDIM steps over the whole schedule (``t* = T - 1``) with guidance
@@ -120,7 +121,6 @@ class DiffGuard(OODMethod):
         self.register_buffer(
             "class_map", torch.tensor(class_map or list(range(num_classes))), persistent=False
         )
-        self._data_norm: tuple[list[float], list[float]] | None = None
         self.init_detectors(detectors, detector_cache)
         if combine_with is not None:
             if combine_with not in self.detectors:
@@ -280,21 +280,9 @@ class DiffGuard(OODMethod):
         return correction
 
     # -- pixels ----------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "mean"):
-            self._data_norm = (list(datamodule.mean), list(datamodule.std))
-
     def _normalisation(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, std = self.hparams.input_mean, self.hparams.input_std
-        if mean is None or std is None:
-            if self._data_norm is None:
-                raise RuntimeError(
-                    "DiffGuard does not know how its batches are normalised: set model.init_args.input_mean / "
-                    "input_std, or run it under a Trainer with a lightning_ood OODDataModule"
-                )
-            mean, std = mean or self._data_norm[0], std or self._data_norm[1]
-        return x.new_tensor(mean).view(1, -1, 1, 1), x.new_tensor(std).view(1, -1, 1, 1)
+        mean, std = self.input_normalisation(x)
+        return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
 
     def to_unit(self, x: Tensor) -> Tensor:
         """Normalised batches -> ``[-1, 1]`` (the diffusion model's range)."""

@@ -27,12 +27,13 @@ from torch import Tensor
 from lightning_ood.contract import ModelOutputs
 from lightning_ood.detectors.base import Detector
 from lightning_ood.methods.base import OODMethod
+from lightning_ood.methods.input_norm import InputNormalisation
 from lightning_ood.nets.ddim import ddim_sample
 from lightning_ood.nets.diffusion import UNetDenoiser, class_conditional_unet, crop_to, pad_to
 from lightning_ood.optim import configure_optimizers
 
 
-class DiffusionModel(OODMethod):
+class DiffusionModel(InputNormalisation, OODMethod):
     """Class-conditional noise-prediction diffusion model (module doc).
 
     Args:
@@ -102,7 +103,6 @@ class DiffusionModel(OODMethod):
         self.register_buffer("score_noise", noise, persistent=False)
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self._data_norm: tuple[list[float], list[float]] | None = None
         self.init_detectors(list(detectors) if detectors is not None else [], detector_cache)
 
     # -- the contract ----------------------------------------------------------------------------------------
@@ -141,24 +141,10 @@ class DiffusionModel(OODMethod):
         return {"denoising_error": outputs.extras["denoising_error"]}
 
     # -- pixels ----------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "mean"):
-            self._data_norm = (list(datamodule.mean), list(datamodule.std))
-
     def to_unit(self, x: Tensor) -> Tensor:
         """Normalised batches -> images in ``[-1, 1]``."""
-        mean, std = self.hparams.input_mean, self.hparams.input_std
-        if mean is None or std is None:
-            if self._data_norm is None:
-                raise RuntimeError(
-                    "DiffusionModel does not know how its batches are normalised: set model.init_args."
-                    "input_mean / input_std, or run it under a Trainer with a lightning_ood OODDataModule"
-                )
-            mean, std = mean or self._data_norm[0], std or self._data_norm[1]
-        mean = x.new_tensor(mean).view(1, -1, 1, 1)
-        std = x.new_tensor(std).view(1, -1, 1, 1)
-        return (x * std + mean) * 2 - 1
+        mean, std = self.input_normalisation(x)
+        return (x * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)) * 2 - 1
 
     @property
     def sampling_unet(self) -> torch.nn.Module:

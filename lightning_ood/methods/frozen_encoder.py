@@ -32,6 +32,7 @@ from lightning_ood.detectors.knn import KNN
 from lightning_ood.detectors.linear_probe import LinearProbe
 from lightning_ood.detectors.mahalanobis import RMD, Mahalanobis
 from lightning_ood.methods.base import OODMethod
+from lightning_ood.methods.input_norm import InputNormalisation
 from lightning_ood.nets.clip import PROMPT_TEMPLATES, ClipEncoder
 from lightning_ood.nets.encoders import Encoder, prepare_input
 
@@ -56,7 +57,7 @@ def zero_shot_score(image_embeddings: Tensor, text_embeddings: Tensor, temperatu
     return -(cosines / temperature).softmax(dim=1).amax(dim=1)
 
 
-class FrozenEncoder(OODMethod):
+class FrozenEncoder(InputNormalisation, OODMethod):
     """A frozen pretrained encoder's embeddings scored by post-hoc detectors (module doc); nothing is trained.
 
     ``evaluate.py`` runs it without ``--ckpt_path`` (``ready_without_training``). The encoder's own
@@ -117,7 +118,6 @@ class FrozenEncoder(OODMethod):
             raise ValueError(f"FrozenEncoder.temperature must be > 0, got {temperature}")
         self.register_frozen("encoder", encoder, source=encoder.source)
         self.register_buffer("text_embeddings", torch.empty(0), persistent=False)  # [C, E] once computed
-        self._data_norm: tuple[list[float], list[float]] | None = None
         dets = list(detectors) if detectors is not None else frozen_encoder_detectors()
         self.init_detectors(dets, detector_cache)
 
@@ -147,7 +147,7 @@ class FrozenEncoder(OODMethod):
 
     def forward_outputs(self, x: Tensor) -> ModelOutputs:
         """``[B, C, H, W]`` batches (data normalisation) -> features ``[B, D]``, logits ``[B, K]`` once probed."""
-        mean, std = self._input_normalisation(x)
+        mean, std = self.input_normalisation(x)
         features = self.encoder(prepare_input(x, mean, std, self.encoder.input_spec))
         logits = self.probe.logits(features) if self.classifies else None
         return ModelOutputs(logits=logits, features=features)
@@ -169,26 +169,6 @@ class FrozenEncoder(OODMethod):
             )
         projected = F.normalize(self.encoder.project(features), dim=-1)
         return projected @ self.text_embeddings.to(projected).T
-
-    # -- set-up ---------------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        """Read the data's normalisation (before any batch: attacks on the test sets run before testing)."""
-        datamodule = self.trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "mean"):
-            self._data_norm = (list(datamodule.mean), list(datamodule.std))
-
-    def _input_normalisation(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, std = self.hparams.input_mean, self.hparams.input_std
-        if mean is None or std is None:
-            if self._data_norm is None:
-                raise RuntimeError(
-                    "FrozenEncoder does not know how its input batches are normalised: set model.init_args."
-                    "input_mean / input_std, or run it under a Trainer with a lightning_ood OODDataModule"
-                )
-            mean, std = mean or self._data_norm[0], std or self._data_norm[1]
-        channels = x.shape[1]
-        return (x.new_tensor(mean).expand(channels) if len(mean) == 1 else x.new_tensor(mean),
-                x.new_tensor(std).expand(channels) if len(std) == 1 else x.new_tensor(std))  # fmt: skip
 
     def _prepare_scoring(self) -> None:
         if self.hparams.zero_shot and self.text_embeddings.numel() == 0:
