@@ -11,7 +11,8 @@ The network is randomly initialised: throughput does not depend on the weights.
 
     python benchmarks/eval_throughput.py --mode loop
     python benchmarks/eval_throughput.py --mode detectors \
-        --knn '{"index": "faiss_hnsw", "hnsw_m": 16, "ef_search": 16}' '{"index": "faiss_ivf", "nlist": 1024, "nprobe": 4}'
+        --knn '{"index": "faiss_hnsw", "hnsw_m": 16, "ef_search": 16}' \
+              '{"index": "faiss_ivf", "nlist": 1024, "nprobe": 4}'
 """
 
 from __future__ import annotations
