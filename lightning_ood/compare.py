@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import io
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from lightning_ood.callbacks.results import read_results
+from lightning_ood.callbacks.results import atomic_write, read_results
 from lightning_ood.contract import MEAN_GROUPS
 
 #: Data settings that may differ between the runs of a group (they do not change which images are used).
@@ -176,20 +177,20 @@ def to_markdown(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) ->
 def write_csv(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path) -> None:
     columns = ["id_acc", *(f"{g}/{m}" for g in MEAN_GROUPS for m in metrics)]
     header = ["method", "detector", "runs", *(f"{c}_{s}" for c in columns for s in ("mean", "std"))]
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for r in records:
-            values = [("" if v is None else v) for c in columns for v in (r[c] or (None, None))]
-            writer.writerow([r["group"], r["detector"], r["runs"], *values])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for r in records:
+        values = [("" if v is None else v) for c in columns for v in (r[c] or (None, None))]
+        writer.writerow([r["group"], r["detector"], r["runs"], *values])
+    atomic_write(path, buf.getvalue())
 
 
 def plot(records: Sequence[Mapping[str, Any]], path: Path, fpr_key: str = "fpr95_idpos") -> None:
     """AUROC vs FPR95 on the ``all`` group: one marker per method, one point per detector, std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from lightning_ood.callbacks.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(8, 6))
     markers = "osD^v<>pPX*h"
@@ -213,8 +214,7 @@ def plot(records: Sequence[Mapping[str, Any]], path: Path, fpr_key: str = "fpr95
     ax.set_title("all OOD sets: mean ± std over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     records = summarise(groups, args.metric)
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(records, args.metric)
-    (args.out / "comparison.md").write_text(markdown)
+    atomic_write(args.out / "comparison.md", markdown)
     write_csv(records, args.metric, args.out / "comparison.csv")
     if "auroc" in args.metric and any(m.startswith("fpr95") for m in args.metric):
         plot(records, args.out / "comparison.png", next(m for m in args.metric if m.startswith("fpr95")))

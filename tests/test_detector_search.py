@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from cli_helpers import FAST, TINY, csv_logger, eval_callback
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_ood.callbacks.results import read_results
 from lightning_ood.cli import train
+from lightning_ood.contract import DetectorInputs
 from lightning_ood.data import OODDataModule
 from lightning_ood.detectors import KNN, MSP, ReAct
+from lightning_ood.detectors.defaults import default_detectors
 from lightning_ood.detectors.search import build_candidate, expand_grid, search_detectors
 from lightning_ood.methods import Classifier
 from lightning_ood.metrics import ood_metrics
@@ -59,6 +62,10 @@ def _features(model, loader):
     return torch.cat(feats), torch.cat(logits)
 
 
+def _inputs(features, model):
+    return DetectorInputs(logits=model.head(features), features=features, head=model.head)
+
+
 def _search(dm, model, grids):
     return search_detectors(
         dict(model.detectors),
@@ -93,12 +100,6 @@ def test_every_candidate_is_refitted_and_scored_like_an_independent_fit(setup):
         assert getattr(chosen[name], key) == best["params"][key] and chosen[name].fitted
     assert thresholds[0] < thresholds[1]  # each percentile re-fitted its own threshold
     assert record["n_id"] == len(val_f) and record["n_ood"] == len(aux_f)
-
-
-def _inputs(features, model):
-    from lightning_ood.contract import DetectorInputs
-
-    return DetectorInputs(logits=model.head(features), features=features, head=model.head)
 
 
 def test_a_candidate_that_changes_nothing_scores_identically(setup):
@@ -136,10 +137,6 @@ def test_search_through_the_cli_records_the_grid_and_uses_the_choice(tmp_path):
 
 
 def test_shipped_grids_name_default_detectors_and_their_hyperparameters():
-    import yaml
-
-    from lightning_ood.detectors.defaults import default_detectors
-
     grid = yaml.safe_load(Path("configs/detector_search/default.yaml").read_text())["grid"]
     defaults = {d.name: d for d in default_detectors(frozenset({"logits", "features", "head"}))}
     for name, values in grid.items():

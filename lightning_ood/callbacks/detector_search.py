@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_ood.callbacks.results import atomic_write
 from lightning_ood.callbacks.run_dir import run_dir
 from lightning_ood.detectors.search import SEARCH_METRICS, search_detectors
 
@@ -72,10 +73,7 @@ class DetectorSearch(Callback):
     def _write(self, trainer: Trainer) -> None:
         directory = run_dir(trainer)
         directory.mkdir(parents=True, exist_ok=True)
-        path = Path(directory) / "detector_search.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.record, indent=2) + "\n")
-        tmp.replace(path)
+        atomic_write(Path(directory) / "detector_search.json", json.dumps(self.record, indent=2) + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table(

@@ -96,7 +96,8 @@ def build_rows(
     return rows
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
     # Write beside the target and rename: a crash never leaves a half-written file that looks complete.
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -139,7 +140,7 @@ def write_results(
     }
     paths = []
     for name, text in outputs.items():
-        _atomic_write(directory / name, text)
+        atomic_write(directory / name, text)
         paths.append(directory / name)
     return paths
 

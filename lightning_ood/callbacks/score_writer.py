@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_ood.callbacks.results import atomic_write
 from lightning_ood.callbacks.score_buffer import ScoreBuffer
 from lightning_ood.contract import TestStepOutput
 
@@ -70,7 +71,5 @@ class ScoreWriter(Callback):
             pred = [int(preds[k]), classes[int(preds[k])] if classes else ""] if self.classifies else []
             writer.writerow([str(self.paths[row]), *pred, *(repr(float(v)) for v in scores[k])])
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.output.with_name(f".{self.output.name}.tmp")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, self.output)
+        atomic_write(self.output, buf.getvalue())
         print(f"Wrote {len(rows)} rows of {len(self.names)} scores to {self.output}")

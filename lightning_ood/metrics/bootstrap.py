@@ -23,7 +23,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_ood.metrics.functional import ArrayLike, _as_cpu_float64
+from lightning_ood.metrics.functional import (
+    ArrayLike,
+    _as_cpu_float64,
+    _auroc,
+    _curves,
+    _fpr_at_tpr,
+    _per_group,
+    _tie_groups,
+)
 
 __all__ = ["BOOTSTRAP_KEYS", "bootstrap_intervals", "bootstrap_resamples"]
 
@@ -38,11 +46,8 @@ class _SortedSet:
     """One ID-vs-OOD set sorted once; both curve directions are read from the same tie groups."""
 
     def __init__(self, id_scores: Tensor, ood_scores: Tensor) -> None:
-        scores = torch.cat([id_scores, ood_scores])
         is_ood = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))]).double()
-        s_sorted, self.order = torch.sort(scores, descending=True)
-        group_end = torch.nonzero(s_sorted[1:] != s_sorted[:-1]).flatten()
-        self.group_end = torch.cat([group_end, group_end.new_tensor([len(s_sorted) - 1])])
+        _, self.order, self.group_end = _tie_groups(torch.cat([id_scores, ood_scores]))
         self.is_ood_sorted = is_ood[self.order]
 
     def metrics(self, weights: Tensor) -> dict[str, Tensor]:
@@ -50,33 +55,12 @@ class _SortedSet:
         w = weights[:, self.order]
         pos = _per_group(torch.cumsum(w * self.is_ood_sorted, dim=1)[:, self.group_end])
         size = _per_group(torch.cumsum(w, dim=1)[:, self.group_end])
-        fps, tps = _curve(pos, size)  # OOD positive, highest score first
-        fps_in, tps_in = _curve((size - pos).flip(1), size.flip(1))  # ID positive: the same groups reversed
-        pairs = torch.sum(torch.diff(fps, dim=1) * (tps[:, 1:] + tps[:, :-1]), dim=1) / 2
+        fps, tps, fps_in, tps_in = _curves(pos, size)
         return {
-            "auroc": pairs / (fps[:, -1] * tps[:, -1]),
+            "auroc": _auroc(fps, tps),
             "fpr95_idpos": _fpr_at_tpr(fps_in, tps_in, 0.95),
             "fpr95_oodpos": _fpr_at_tpr(fps, tps, 0.95),
         }
-
-
-def _per_group(cumulative: Tensor) -> Tensor:
-    """``[B, K]`` per-group totals from cumulative totals at the group ends."""
-    return torch.diff(cumulative, dim=1, prepend=cumulative.new_zeros(len(cumulative), 1))
-
-
-def _curve(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
-    """Cumulative (false, true) positive counts, ``[B, K + 1]`` with a leading zero column."""
-    tps = torch.cumsum(pos, dim=1)
-    zero = tps.new_zeros(len(tps), 1)
-    return torch.cat([zero, torch.cumsum(size, dim=1) - tps], dim=1), torch.cat([zero, tps], dim=1)
-
-
-def _fpr_at_tpr(fps: Tensor, tps: Tensor, level: float) -> Tensor:
-    """Per row: FPR at the first threshold whose TPR reaches ``level`` (as the unweighted metric)."""
-    tpr = tps / tps[:, -1:]
-    idx = torch.searchsorted(tpr, torch.full((len(tpr), 1), level, dtype=torch.float64))
-    return torch.gather(fps / fps[:, -1:], 1, idx).squeeze(1)
 
 
 def _draw_counts(n: int, resamples: int, generator: torch.Generator) -> Tensor:

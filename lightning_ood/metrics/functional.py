@@ -73,24 +73,43 @@ def _validate(scores: ArrayLike, is_ood: ArrayLike, set_name: str) -> tuple[Tens
     return s, y
 
 
-def _group_counts(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """One descending sort: per tie group, ``(positives, size, score)``, highest score first (``[K]`` each)."""
+def _tie_groups(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sorted scores, order, group_end)``: one descending sort, and the index of the last sample of each
+    tie group in that order."""
     s_sorted, order = torch.sort(scores, descending=True)
     # `!=` rather than a difference: inf - inf is NaN and would split a tie of infinities.
     group_end = torch.nonzero(s_sorted[1:] != s_sorted[:-1]).flatten()
-    group_end = torch.cat([group_end, group_end.new_tensor([len(s_sorted) - 1])])
-    cum_pos = torch.cumsum(positive[order], 0)[group_end]
+    return s_sorted, order, torch.cat([group_end, group_end.new_tensor([len(s_sorted) - 1])])
+
+
+def _per_group(cumulative: Tensor) -> Tensor:
+    """Per-group totals ``[..., K]`` from cumulative totals at the group ends (along the last dimension)."""
+    return torch.diff(cumulative, dim=-1, prepend=cumulative.new_zeros(*cumulative.shape[:-1], 1))
+
+
+def _group_counts(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One descending sort: per tie group, ``(positives, size, score)``, highest score first (``[K]`` each)."""
+    s_sorted, order, group_end = _tie_groups(scores)
+    pos = _per_group(torch.cumsum(positive[order], 0)[group_end])
     del order  # the [N] buffers are freed before the [K] work
-    pos = torch.diff(cum_pos, prepend=cum_pos.new_zeros(1))
-    size = torch.diff(group_end + 1, prepend=group_end.new_zeros(1)).to(torch.float64)
+    size = _per_group(group_end + 1).to(torch.float64)
     return pos, size, s_sorted[group_end]
 
 
 def _curve(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
-    """Cumulative (false, true) positive counts from per-group counts, with the leading ``(0, 0)`` point."""
-    zero = pos.new_zeros(1)
-    tps = torch.cumsum(pos, 0)
-    return torch.cat([zero, torch.cumsum(size, 0) - tps]), torch.cat([zero, tps])
+    """Cumulative (false, true) positive counts ``[..., K + 1]`` from per-group counts ``[..., K]`` (last
+    dimension), with the leading ``(0, 0)`` point."""
+    tps = torch.cumsum(pos, dim=-1)
+    zero = tps.new_zeros(*tps.shape[:-1], 1)
+    return torch.cat([zero, torch.cumsum(size, dim=-1) - tps], dim=-1), torch.cat([zero, tps], dim=-1)
+
+
+def _curves(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(fps, tps, fps_in, tps_in)``: OOD positive from the highest score, and ID positive: the same tie
+    groups traversed from the lowest score, roles swapped."""
+    fps, tps = _curve(pos, size)
+    fps_in, tps_in = _curve((size - pos).flip(-1), size.flip(-1))
+    return fps, tps, fps_in, tps_in
 
 
 def _counts(scores: Tensor, positive: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,13 +143,13 @@ def roc_curve(
     return fps / fps[-1], tps / tps[-1], thresholds
 
 
-def _auroc(fps: Tensor, tps: Tensor) -> float:
-    """P(s_ood > s_id) + ½·P(s_ood = s_id), the Mann-Whitney U statistic over ``n_id·n_ood``.
+def _auroc(fps: Tensor, tps: Tensor) -> Tensor:
+    """P(s_ood > s_id) + ½·P(s_ood = s_id), the Mann-Whitney U statistic over ``n_id·n_ood`` (last dimension).
 
     Exact trapezoid rule on integer counts: each tie group adds ``Δfp·(tp_prev + tp)/2`` pairs.
     """
-    pairs = torch.sum(torch.diff(fps) * (tps[1:] + tps[:-1])) / 2
-    return float(pairs / (fps[-1] * tps[-1]))
+    pairs = torch.sum(torch.diff(fps, dim=-1) * (tps[..., 1:] + tps[..., :-1]), dim=-1) / 2
+    return pairs / (fps[..., -1] * tps[..., -1])
 
 
 def _average_precision(fps: Tensor, tps: Tensor) -> float:
@@ -139,11 +158,12 @@ def _average_precision(fps: Tensor, tps: Tensor) -> float:
     return float(torch.sum(torch.diff(tps) * precision) / tps[-1])
 
 
-def _fpr_at_tpr(fps: Tensor, tps: Tensor, tpr_level: float) -> float:
-    """FPR at the first (highest) threshold whose TPR reaches ``tpr_level``, like ``np.searchsorted``."""
-    fpr, tpr = fps / fps[-1], tps / tps[-1]
-    idx = torch.searchsorted(tpr, torch.tensor([tpr_level], dtype=torch.float64))
-    return float(fpr[idx])
+def _fpr_at_tpr(fps: Tensor, tps: Tensor, tpr_level: float) -> Tensor:
+    """FPR at the first (highest) threshold whose TPR reaches ``tpr_level``, like ``np.searchsorted`` (last
+    dimension; one value per leading index)."""
+    fpr, tpr = fps / fps[..., -1:], tps / tps[..., -1:]
+    level = torch.full((*tpr.shape[:-1], 1), tpr_level, dtype=torch.float64)
+    return torch.gather(fpr, -1, torch.searchsorted(tpr, level)).squeeze(-1)
 
 
 def ood_metrics(scores: ArrayLike, is_ood: ArrayLike, set_name: str = "scores") -> dict[str, float]:
@@ -169,14 +189,12 @@ def ood_metrics(scores: ArrayLike, is_ood: ArrayLike, set_name: str = "scores") 
     s, y = _validate(scores, is_ood, set_name)
     pos, size, _ = _group_counts(s, y)  # the only sort; everything else is O(distinct scores)
     del s, y
-    fps, tps = _curve(pos, size)
-    # ID as the positive class: the same tie groups traversed from the lowest score, roles swapped.
-    fps_in, tps_in = _curve((size - pos).flip(0), size.flip(0))
+    fps, tps, fps_in, tps_in = _curves(pos, size)
     return {
-        "auroc": _auroc(fps, tps),
+        "auroc": float(_auroc(fps, tps)),
         "aupr_in": _average_precision(fps_in, tps_in),
         "aupr_out": _average_precision(fps, tps),
-        "fpr95_idpos": _fpr_at_tpr(fps_in, tps_in, 0.95),
-        "fpr95_oodpos": _fpr_at_tpr(fps, tps, 0.95),
+        "fpr95_idpos": float(_fpr_at_tpr(fps_in, tps_in, 0.95)),
+        "fpr95_oodpos": float(_fpr_at_tpr(fps, tps, 0.95)),
         "detection_error": float(torch.min(0.5 * (1 - tps / tps[-1]) + 0.5 * (fps / fps[-1]))),
     }
