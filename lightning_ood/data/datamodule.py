@@ -22,7 +22,6 @@ from lightning_ood.data.datasets import (
     ImageDataset,
     OODSetSpec,
     derived_rng,
-    folder_dataset,
     limit_indices,
     load_split,
     make_images,
@@ -30,12 +29,9 @@ from lightning_ood.data.datasets import (
     select_classes,
 )
 from lightning_ood.data.derived import TestSetBuilder
-from lightning_ood.data.disjoint import check_aux_disjoint
+from lightning_ood.data.folder_scoring import FolderScoring
 from lightning_ood.data.loaders import LoaderFactory
-from lightning_ood.data.outliers import split_outliers
-from lightning_ood.data.samplers import (
-    distributed_world,
-)
+from lightning_ood.data.outliers import AuxiliaryOutliers
 from lightning_ood.data.set_checks import check_other_sets, derived_set_groups, text_table
 from lightning_ood.data.sources import RawSet
 from lightning_ood.data.transforms import NormalizeCollate, default_augmentation
@@ -43,7 +39,7 @@ from lightning_ood.data.transforms import NormalizeCollate, default_augmentation
 Augment = Callable[[Tensor], Tensor] | None
 
 
-class OODDataModule(LightningDataModule):
+class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
     """ID train/val/test sets, named test OOD sets and optional auxiliary outliers.
 
     Batches are ``(images, targets)``: images float ``[B, C, S, S]`` normalised with ``mean``/``std``; targets
@@ -298,27 +294,6 @@ class OODDataModule(LightningDataModule):
         steps = default_augmentation(self._image_size) if steps is None else steps
         return v2.Compose(list(steps)) if steps else None
 
-    def _build_aux(self) -> ImageDataset:
-        """The auxiliary outliers, built on first use (a method that trains without them never pays for them)."""
-        if "aux" not in self._splits:
-            if self.aux_set is None:
-                raise RuntimeError(
-                    "auxiliary outliers were asked for, but the data config has no aux_set: set "
-                    "data.init_args.aux_set (e.g. {source: aux_photos}); it must be disjoint from every test set"
-                )
-            augment = self._augmentation(self.aux_augmentation)
-            aux = self._outliers(self.aux_set, "aux", augment, {})
-            if len(aux) == 0:
-                raise ValueError("aux_set has no images after class selection and limit")
-            tests = {k: d.images for k, d in self._test_sets.items()}
-            check_aux_disjoint(aux.images, tests, f"aux_set ({self.aux_set.source})")
-            self._splits.update(split_outliers(aux, self.aux_val_fraction, self.seed))
-            rank_zero_info(
-                f"OODDataModule: {len(self._splits['aux'])} auxiliary outliers for training, "
-                f"{len(self._splits['aux_val'])} held out for validation ({self.aux_set.source})"
-            )
-        return self._splits["aux"]
-
     def summary(self) -> str:
         """A plain-text table of every set: name, group, source, split and size (after ``setup``)."""
         rows = [("set", "group", "source", "split", "size")]
@@ -417,31 +392,6 @@ class OODDataModule(LightningDataModule):
             return self._loaders.unpadded(self._dataset_for("fit"))
         return self._loaders.plain(self._dataset_for("fit"), self.eval_batch_size, shuffle=False)
 
-    def aux_fit_dataloader(self) -> DataLoader:
-        """Every auxiliary outlier (training and held-out part), **not augmented**, not shuffled, not sharded:
-        for precomputing per-outlier training targets on every rank."""
-        return self._loaders.plain(self._dataset_for("aux_all"), self.eval_batch_size, shuffle=False)
-
-    def aux_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """Auxiliary outliers (targets ``-1``), augmented, shuffled, a different order on every DDP rank.
-
-        Methods get outliers through :meth:`train_dataloader` (``uses_outliers``); this loader is for work outside
-        the training loop (e.g. precomputing targets for the outliers), with ``batch_size`` (default:
-        ``aux_batch_size``) per step.
-        """
-        rank, _ = distributed_world()
-        return self._loaders.shuffled(
-            self._dataset_for("aux"), f"shuffle/aux/{rank}", batch_size or self.aux_batch_size
-        )
-
-    def aux_eval_dataloader(self) -> DataLoader:
-        """Auxiliary outliers (targets ``-1``), **not augmented**, in order, each scored once under DDP: the
-        OOD side of the detector search (``DetectorSearch``), never a test set. The held-out part
-        (``aux_val_fraction > 0``) when there is one, so a method trained on outliers is not searched on
-        the outliers it saw; else every outlier."""
-        held_out = self._dataset_for("aux_val")
-        return self._loaders.unpadded(held_out if len(held_out) else self._dataset_for("aux_all"))
-
     def fit_fingerprint(self) -> dict[str, object]:
         """Everything that decides the detector-fit images and how they look (the fit cache's key): the ID
         source, classes and options, split seed, ``val_fraction``, ``train_limit``, image size, channels and
@@ -456,23 +406,3 @@ class OODDataModule(LightningDataModule):
             "mean": self._mean,
             "std": self._std,
         }
-
-    # ----------------------------------------------------------------------------------- scoring a folder
-    def set_predict_images(self, path: str | Path) -> list[Path]:
-        """Serve every image under ``path`` (recursively, sorted) from :meth:`predict_dataloader`, converted and
-        normalised like the test sets; each batch's targets are the images' row indices into the returned list."""
-        self._predict = folder_dataset(path, self.root, self._channels, self._image_size)
-        return self._predict[0]
-
-    @property
-    def predict_paths(self) -> list[Path]:
-        """The files :meth:`predict_dataloader` serves, in row-index order."""
-        if self._predict is None:
-            raise RuntimeError("call set_predict_images(path) first")
-        return self._predict[0]
-
-    def predict_dataloader(self) -> DataLoader:
-        """The images given to :meth:`set_predict_images`, not augmented, each scored exactly once under DDP."""
-        if self._predict is None:
-            raise RuntimeError("call set_predict_images(path) before asking for the predict dataloader")
-        return self._loaders.unpadded(self._predict[1])

@@ -1,11 +1,14 @@
-"""The auxiliary outlier set split into a training part and a held-out validation part."""
+"""The auxiliary outliers: their split into a training and a held-out part, and the DataModule's loaders of them."""
 
 from __future__ import annotations
 
 import numpy as np
-from torch.utils.data import Dataset, Subset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_ood.data.datasets import ImageDataset, derived_rng
+from lightning_ood.data.disjoint import check_aux_disjoint
+from lightning_ood.distributed import distributed_world
 
 
 def split_outliers(aux: ImageDataset, val_fraction: float, seed: int) -> dict[str, Dataset]:
@@ -31,3 +34,58 @@ def split_outliers(aux: ImageDataset, val_fraction: float, seed: int) -> dict[st
         "aux_val": Subset(plain, val_rows.tolist()),
         "aux_all": plain,
     }
+
+
+class AuxiliaryOutliers:
+    """``OODDataModule``'s auxiliary outliers: built on first use, split, and served by the loaders below.
+
+    A mixin of :class:`~lightning_ood.data.datamodule.OODDataModule`; it reads the data module's settings
+    (``aux_set``, ``aux_augmentation``, ``aux_val_fraction``, ``seed``, batch sizes) and state (``_splits``,
+    ``_test_sets``, ``_loaders``).
+    """
+
+    def _build_aux(self) -> ImageDataset:
+        """The auxiliary outliers, built on first use (a method that trains without them never pays for them)."""
+        if "aux" not in self._splits:
+            if self.aux_set is None:
+                raise RuntimeError(
+                    "auxiliary outliers were asked for, but the data config has no aux_set: set "
+                    "data.init_args.aux_set (e.g. {source: aux_photos}); it must be disjoint from every test set"
+                )
+            augment = self._augmentation(self.aux_augmentation)
+            aux = self._outliers(self.aux_set, "aux", augment, {})
+            if len(aux) == 0:
+                raise ValueError("aux_set has no images after class selection and limit")
+            tests = {k: d.images for k, d in self._test_sets.items()}
+            check_aux_disjoint(aux.images, tests, f"aux_set ({self.aux_set.source})")
+            self._splits.update(split_outliers(aux, self.aux_val_fraction, self.seed))
+            rank_zero_info(
+                f"OODDataModule: {len(self._splits['aux'])} auxiliary outliers for training, "
+                f"{len(self._splits['aux_val'])} held out for validation ({self.aux_set.source})"
+            )
+        return self._splits["aux"]
+
+    def aux_fit_dataloader(self) -> DataLoader:
+        """Every auxiliary outlier (training and held-out part), **not augmented**, not shuffled, not sharded:
+        for precomputing per-outlier training targets on every rank."""
+        return self._loaders.plain(self._dataset_for("aux_all"), self.eval_batch_size, shuffle=False)
+
+    def aux_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Auxiliary outliers (targets ``-1``), augmented, shuffled, a different order on every DDP rank.
+
+        Methods get outliers through :meth:`train_dataloader` (``uses_outliers``); this loader is for work outside
+        the training loop (e.g. precomputing targets for the outliers), with ``batch_size`` (default:
+        ``aux_batch_size``) per step.
+        """
+        rank, _ = distributed_world()
+        return self._loaders.shuffled(
+            self._dataset_for("aux"), f"shuffle/aux/{rank}", batch_size or self.aux_batch_size
+        )
+
+    def aux_eval_dataloader(self) -> DataLoader:
+        """Auxiliary outliers (targets ``-1``), **not augmented**, in order, each scored once under DDP: the
+        OOD side of the detector search (``DetectorSearch``), never a test set. The held-out part
+        (``aux_val_fraction > 0``) when there is one, so a method trained on outliers is not searched on
+        the outliers it saw; else every outlier."""
+        held_out = self._dataset_for("aux_val")
+        return self._loaders.unpadded(held_out if len(held_out) else self._dataset_for("aux_all"))
