@@ -10,7 +10,8 @@
 #   bash benchmarks/run_ssod.sh table      # only the tables, from what has finished
 # Results: $OUT/compare/<benchmark>/<ssod|baseline>/seed<k>/, $OUT/sweep/gamma<g>_alpha<a>/ (each with
 # ood_results.{json,csv,md}, plots/ and log/version_0/{metrics.csv,checkpoints/}).
-# Environment: PY (python), OUT (results/ssod), SEEDS ("0 1 2"), GAMMAS ("0.9 0.95 0.99"), ALPHAS ("0.1 1").
+# Environment: PY (python), OUT (results/ssod), SEEDS ("0 1 2"), GAMMAS ("0.9 0.95 0.99"), ALPHAS ("0.1 1"),
+# EXTRA (more train.py arguments for every run, e.g. EXTRA=--trainer.accelerator=gpu).
 # To compare the sweep's chosen setting too: SSOD_ARGS="--model.init_args.gamma=G --model.init_args.alpha=A"
 # SSOD_NAME=ssod_gG_aA bash benchmarks/run_ssod.sh compare (the baseline runs are reused, they are done).
 set -euo pipefail
@@ -22,6 +23,7 @@ GAMMAS=${GAMMAS:-"0.9 0.95 0.99"}
 ALPHAS=${ALPHAS:-"0.1 1"}
 SSOD_ARGS=${SSOD_ARGS:-}
 SSOD_NAME=${SSOD_NAME:-ssod}
+EXTRA=${EXTRA:-}
 STAGE=${1:-all}
 # The configs' own gamma / alpha: the sweep reuses the comparison's seed-0 open-set run for this setting.
 DEFAULT_GAMMA=0.95
@@ -35,8 +37,8 @@ run() {  # run <output dir> <train.py arguments...>
   rm -rf "$out"
   mkdir -p "$out"
   echo "run  $out"
-  # shellcheck disable=SC2086  # SSOD_ARGS may hold several arguments
-  $PY train.py "$@" \
+  # shellcheck disable=SC2086  # EXTRA may hold several arguments
+  $PY train.py "$@" $EXTRA \
     --trainer.logger=lightning.pytorch.loggers.CSVLogger --trainer.logger.save_dir="$out" \
     --trainer.logger.name=log --trainer.logger.version=0 \
     --trainer.enable_progress_bar=false --ood_eval.output_dir="$out" --ood_eval.print_table=false \

@@ -5,12 +5,11 @@ Training is replaced by a stub that copies a prepared ``ood_results.json`` (one 
 seconds.
 """
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import run_with_stub
 
 from lightning_ood.callbacks.results import build_rows, write_results
 from lightning_ood.metrics import METRIC_KEYS
@@ -55,23 +54,10 @@ def _results(tmp_path: Path) -> Path:
 
 
 def _run(tmp_path: Path, *stage: str, check: bool = True) -> subprocess.CompletedProcess:
-    stub = tmp_path / "python"
-    stub.write_text(f"#!{sys.executable}\n{STUB}")
-    stub.chmod(0o755)
-    env = {
-        **os.environ,
-        "PY": str(stub),
-        "OUT": str(tmp_path / "results"),
-        "CLASSIFIERS": str(tmp_path / "classifiers"),
-        "STUB_LOG": str(tmp_path / "calls.txt"),
-        "STUB_RESULTS": str(_results(tmp_path)),
-        "PYTHONPATH": str(ROOT),
-    }
-    script = ROOT / "benchmarks" / "run_heatmap.sh"
-    proc = subprocess.run(["bash", str(script), *stage], env=env, capture_output=True, text=True, timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_with_stub(
+        "run_heatmap.sh", tmp_path, STUB, *stage, check=check,
+        CLASSIFIERS=str(tmp_path / "classifiers"), STUB_RESULTS=str(_results(tmp_path)),
+    )  # fmt: skip
 
 
 def _classifiers(tmp_path: Path) -> None:

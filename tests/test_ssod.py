@@ -52,6 +52,16 @@ def test_small_resnets_keep_the_stock_weights_and_give_big_maps(name, stock, siz
         create_timm_model(name, num_classes=10, in_chans=1, output_stride=16)
 
 
+def test_half_width_resnet_gives_a_7x7_map_of_256_channels_and_refuses_pretrained_weights():
+    model = create_timm_model("resnet10t_os4_half", num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        assert model.forward_features(torch.zeros(2, 1, 28, 28)).shape == (2, 256, 7, 7)
+    assert model.num_features == 256
+    assert sum(p.numel() for p in model.parameters()) < 1.5e6
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        create_timm_model("resnet10t_os4_half", num_classes=10, in_chans=1, pretrained=True)
+
+
 # -- masks and loss --------------------------------------------------------------------------------------------
 def test_masks_match_a_brute_force_reference():
     gen = torch.Generator().manual_seed(0)

@@ -4,18 +4,16 @@ Training is replaced by a stub that writes the files a finished run leaves (``oo
 logger's ``metrics.csv``), so the test takes seconds.
 """
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from script_helpers import run_with_stub
 
 from lightning_ood.callbacks.results import build_rows, write_results
 from lightning_ood.metrics import METRIC_KEYS
 
-ROOT = Path(__file__).resolve().parents[1]
 STUB = """import os, re, shutil, sys
 args = sys.argv[1:]
 if args[0] != "train.py":
@@ -44,21 +42,7 @@ def _fixture(tmp_path: Path) -> Path:
 
 
 def _run(tmp_path: Path, *stage: str) -> subprocess.CompletedProcess:
-    stub = tmp_path / "python"
-    stub.write_text(f"#!{sys.executable}\n{STUB}")
-    stub.chmod(0o755)
-    env = {
-        **os.environ,
-        "PY": str(stub),
-        "OUT": str(tmp_path / "results"),
-        "STUB_LOG": str(tmp_path / "calls.txt"),
-        "STUB_RESULTS": str(_fixture(tmp_path)),
-        "PYTHONPATH": str(ROOT),
-    }
-    script = ROOT / "benchmarks" / "run_ssod.sh"
-    proc = subprocess.run(["bash", str(script), *stage], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_with_stub("run_ssod.sh", tmp_path, STUB, *stage, STUB_RESULTS=str(_fixture(tmp_path)))
 
 
 @pytest.mark.slow

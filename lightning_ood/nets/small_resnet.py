@@ -20,6 +20,10 @@ resnet10t_os4  ``resnet10t``    7 x 7 (512 ch.)     8 x 8 (512 ch.)
 resnet18_os4   ``resnet18``     7 x 7 (512 ch.)     8 x 8 (512 ch.)
 ============== ================ =================== ===================
 
+``resnet10t_os4_half`` is ``resnet10t_os4`` at half width (stages of 32 / 64 / 128 / 256 channels, 1.3M
+parameters, a 7 x 7 map of 256 channels on 28 px): about a third of its compute, trained from scratch only (no
+stock weights have its shape). It is the network of the reference recipe (``configs/reference_*.yaml``).
+
 The price is compute: stages 3 and 4 run on 7 x 7 instead of 2 x 2 and 1 x 1 maps (resnet10t_os4 costs about
 three times resnet10t per 28 px image on a CPU).
 """
@@ -62,3 +66,20 @@ def resnet10t_os4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 def resnet18_os4(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``resnet18`` with total stride 4: 32 px -> an 8 x 8 map."""
     return stride4_resnet("resnet18", pretrained, **kwargs)
+
+
+#: Stage widths of the half-width variant (the stock networks use 64 / 128 / 256 / 512).
+HALF_CHANNELS = (32, 64, 128, 256)
+
+
+@register_model
+def resnet10t_os4_half(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``resnet10t_os4`` at half width (:data:`HALF_CHANNELS`): 28 px -> a 7 x 7 map of 256 channels."""
+    if pretrained:
+        raise ValueError(
+            "resnet10t_os4_half has no pretrained weights (its layers are half as wide as resnet10t's); use "
+            "pretrained=false, or resnet10t_os4 for the stock resnet10t weights"
+        )
+    if "channels" in kwargs:
+        raise ValueError("resnet10t_os4_half fixes its channels; use resnet10t_os4 with channels=... instead")
+    return stride4_resnet("resnet10t", False, channels=HALF_CHANNELS, **kwargs)
