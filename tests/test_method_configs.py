@@ -34,7 +34,9 @@ SHRINK = {
         "--model.init_args.scheduler.init_args.warmup_steps=1",
     ],
     "heatmap": ["--data.init_args.train_transforms=[]"],  # outlier targets need outliers as stored
-    "ssod_reference": ["--model.init_args.img_size=16"],  # resnet10t_os4_half fixes its (already narrow) widths
+    "ssod_reference": [
+        "--model.init_args.img_size=16"
+    ],  # resnet10t_os4_half fixes its (already narrow) widths
     "ssod": [  # the stride-4 ResNets: a 4x4 map on 16 px
         "--model.init_args.img_size=16",
         "--model.init_args.backbone_kwargs={channels: [8, 8, 16, 16]}",
