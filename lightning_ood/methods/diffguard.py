@@ -67,6 +67,12 @@ class DiffGuard(InputNormalisation, OODMethod):
         combine_val_images: how many ID validation images (the first of the seeded split) the standardisation
             statistics come from.
         diffusion_batch_size: images per diffusion pass (``None``: the whole batch); bounds memory.
+        diffusion_precision: the diffusion network's precision: ``"32-true"``, or autocast to ``"bf16-mixed"`` /
+            ``"16-mixed"`` around the network alone (DDIM steps, the classifier and the scores stay float32).
+            ``bf16-mixed`` runs the batched round trip 1.4-1.6x faster on a CPU with AVX512-BF16 and changes
+            the scores slightly (docs/diffguard.md, "Speed").
+        channels_last: run the diffusion network in NHWC memory order (the same scores; no consistent gain on
+            the 2-core CPU measured, docs/diffguard.md).
         diffusion_weights: of a ``DiffusionModel`` checkpoint, the moving average (``"ema"``) or the trained
             weights (``"raw"``).
         input_mean, input_std: the batches' normalisation (``None``: the data config's).
@@ -94,6 +100,8 @@ class DiffGuard(InputNormalisation, OODMethod):
         combine_val_images: int = 500,
         diffusion_batch_size: int | None = None,
         diffusion_weights: Literal["ema", "raw"] = "ema",
+        diffusion_precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true",
+        channels_last: bool = False,
         input_mean: list[float] | None = None,
         input_std: list[float] | None = None,
         detectors: Sequence[Detector] | None = None,
@@ -114,6 +122,7 @@ class DiffGuard(InputNormalisation, OODMethod):
             )
         self.register_frozen("classifier", net, source=classifier)
         denoiser, weights = load_denoiser(diffusion, diffusion_weights)
+        denoiser.set_execution(diffusion_precision, channels_last)
         self.register_frozen("diffusion", denoiser, source=weights)
         self.t_star = int(t_star) if t_star is not None else denoiser.num_train_timesteps - 1
         self.timesteps = ddim_timesteps(self.t_star, steps)

@@ -58,9 +58,9 @@ def guided_noise(denoiser: Denoiser, x: Tensor, t: int, labels: Tensor | None, s
     one batch of ``2B``."""
     tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
     if labels is None or scale == 1.0:
-        return denoiser.predict_noise(x, tt, labels)
+        return denoiser.noise(x, tt, labels)
     null = torch.full_like(labels, denoiser.num_classes)
-    eps = denoiser.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
+    eps = denoiser.noise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
     eps_y, eps_null = eps.chunk(2)
     return eps_null + scale * (eps_y - eps_null)
 

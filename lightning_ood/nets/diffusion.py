@@ -77,11 +77,21 @@ def crop_to(x: Tensor, height: int, width: int) -> Tensor:
     return x[..., top : top + height, left : left + width]
 
 
+#: ``Denoiser.set_execution`` precisions: the autocast dtype of each (``None``: no autocast).
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "32-true": None,
+    "bf16-mixed": torch.bfloat16,
+    "16-mixed": torch.float16,
+}
+
+
 class Denoiser(nn.Module):
     """A noise-prediction network and its DDPM noise schedule, as DiffGuard uses it.
 
     Subclasses implement :meth:`predict_noise`, and :meth:`encode` / :meth:`decode` when they diffuse in another
-    space than pixels. ``alphas_cumprod`` (``[T]``, the scheduler's ``bar alpha_t``) is a buffer.
+    space than pixels. DDIM calls :meth:`noise`, which runs :meth:`predict_noise` in the precision and memory
+    format :meth:`set_execution` chose (by default: as it is). ``alphas_cumprod`` (``[T]``, the scheduler's
+    ``bar alpha_t``) is a buffer.
 
     Attributes:
         num_classes: classes the network is conditioned on (``0``: unconditional).
@@ -97,6 +107,30 @@ class Denoiser(nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.detach().to(torch.float64).clone())
         self.num_classes = num_classes
         self.name = name
+        self.autocast_dtype: torch.dtype | None = None
+        self.channels_last = False
+
+    def set_execution(self, precision: str = "32-true", channels_last: bool = False) -> Denoiser:
+        """How :meth:`noise` runs the network: ``precision`` ``"32-true"`` (its own weights' dtype),
+        ``"bf16-mixed"`` or ``"16-mixed"`` (autocast to bfloat16 / float16 around the network only); and
+        ``channels_last`` (4-d weights and inputs in NHWC memory order). Returns ``self``."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"diffusion precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.autocast_dtype = PRECISIONS[precision]
+        self.channels_last = bool(channels_last)
+        self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return self
+
+    def noise(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        """:meth:`predict_noise` as :meth:`set_execution` says, ``eps`` returned in ``x``'s dtype (the DDIM
+        arithmetic around the network stays in full precision)."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is None:
+            return self.predict_noise(x, t, labels)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            eps = self.predict_noise(x, t, labels)
+        return eps.to(x.dtype)
 
     @property
     def conditional(self) -> bool:
