@@ -32,16 +32,17 @@ def test_knn_matches_brute_force(k: int, chunk_size: int) -> None:
     np.testing.assert_allclose(_score(det, test.float()).numpy(), expected, atol=2e-6)
 
 
-def test_knn_float64_bank_is_exact_and_float64_is_not_downcast() -> None:
+@pytest.mark.parametrize("k", [1, 3])  # k = 1 has its own (bank-major) product
+def test_knn_float64_bank_is_exact_and_float64_is_not_downcast(k: int) -> None:
     gen = torch.Generator().manual_seed(4)
     train = torch.randn(101, 16, generator=gen, dtype=torch.float64) + 0.3
     test = torch.randn(23, 16, generator=gen, dtype=torch.float64)
-    det = KNN(k=3, chunk_size=7, bank_dtype="float64").fit(features=train, batch_size=17)
+    det = KNN(k=k, chunk_size=7, bank_dtype="float64").fit(features=train, batch_size=17)
     assert det.bank.dtype == torch.float64
     scores = _score(det, test)
     assert scores.dtype == torch.float64 and scores.shape == (23,)
     np.testing.assert_allclose(
-        scores.numpy(), _brute_force(train.numpy(), test.numpy(), 3), rtol=0, atol=1e-13
+        scores.numpy(), _brute_force(train.numpy(), test.numpy(), k), rtol=0, atol=1e-13
     )
     # Half-precision features are promoted to float32 for scoring.
     assert _score(KNN(k=3).fit(features=train.float()), test.half()).dtype == torch.float32

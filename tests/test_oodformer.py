@@ -207,16 +207,17 @@ def _brute_force(
 
 def test_scores_take_the_nearest_class_and_never_read_labels():
     torch.manual_seed(0)
-    method = OODformer(**TINY, num_classes=3).eval()
+    # float64 throughout (network, features, so the detectors' products too): the tolerances below are float64's
+    method = OODformer(**TINY, num_classes=3).double().eval()
     # A non-degenerate final LayerNorm: at init its outputs sum to 0, which makes every covariance singular.
     with torch.no_grad():
         method.net.model.norm.weight.uniform_(0.5, 1.5)
         method.net.model.norm.bias.normal_()
     assert set(method.detectors) == DETECTORS
-    images = torch.randn(240, 1, 16, 16)
+    images = torch.randn(240, 1, 16, 16, dtype=torch.float64)
     labels = torch.arange(240) % 3
     method.fit_detectors([(images[i : i + 64], labels[i : i + 64]) for i in range(0, 240, 64)])
-    test = torch.randn(16, 1, 16, 16)
+    test = torch.randn(16, 1, 16, 16, dtype=torch.float64)
     truth = torch.arange(16) % 3
     with torch.no_grad():
         runs = [

@@ -3,6 +3,7 @@ scores equal the unshared path's; a product is shared only between detectors who
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -29,13 +30,15 @@ def _fit(det, feats, targets, head):
 
 
 def _batch(head, seed: int = 9) -> DetectorInputs:
-    feats = _data(seed, n=50)[0]
+    feats = _data(seed, n=50)[0].to(head.weight.dtype)
     with torch.no_grad():
         return DetectorInputs(logits=head(feats), features=feats, head=head)
 
 
-def test_every_default_detector_scores_as_on_the_unshared_path():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float32 / float64 products
+def test_every_default_detector_scores_as_on_the_unshared_path(dtype: torch.dtype):
     feats, targets, head = _data(0)
+    feats, head = feats.to(dtype), head.to(dtype)
     dets = [
         _fit(d, feats, targets, head) for d in default_detectors(frozenset({"logits", "features", "head"}))
     ]

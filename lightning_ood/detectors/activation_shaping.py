@@ -212,7 +212,7 @@ def ash(features: Tensor, percentile: float, variant: AshVariant = "s") -> Tenso
     if k < 1:
         raise ValueError(f"ASH percentile {percentile} keeps no activation of D={d}")
     s1 = features.sum(dim=1, keepdim=True)
-    top = features.topk(k, dim=1)
+    top = features.topk(k, dim=1, sorted=False)  # the same k entries; their order does not matter
     values = top.values
     if variant == "b":
         values = (s1 / k).expand_as(values)

@@ -12,12 +12,15 @@ across ranks and derives the class means and scatter matrices.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, DetectorInputs, all_reduce_max, all_reduce_sum
+from lightning_ood.precision import at_least_float32_dtype
 
 _F64 = torch.float64
 
@@ -252,7 +255,8 @@ class MomentDetector(Detector):
 
     Subclasses choose which statistics to track (constructor flags) and implement :meth:`load_moments`, which
     turns the finalised moments into fitted buffers. Accumulated statistics are plain attributes (not saved);
-    only the fitted buffers go into checkpoints.
+    only the fitted buffers go into checkpoints. Scoring is float64 except the ``[B, D] x [D, K]`` products,
+    which run in the features' precision (:meth:`_product`).
     """
 
     requires = frozenset({"features"})
@@ -273,7 +277,7 @@ class MomentDetector(Detector):
 
     def reset(self) -> None:
         self._moments.reset()
-        self._content_keys: dict[str, str] = {}
+        self._forget_derived()
         super().reset()
 
     def update(self, batch: DetectorInputs, targets: Tensor) -> None:
@@ -290,12 +294,16 @@ class MomentDetector(Detector):
         moments = self._moments.finalize(device=self._fitted.device)
         self._moments.reset()  # free the accumulators
         self.load_moments(moments)
-        self._content_keys = {}
+        self._forget_derived()
         super().finalize()
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._content_keys = {}  # new fitted buffers: new content keys
+        self._forget_derived()  # new fitted buffers: new content keys, casts and factors
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _forget_derived(self) -> None:
+        self._content_keys: dict[str, str] = {}
+        self._derived_values: dict[tuple, object] = {}
 
     def load_moments(self, moments: Moments) -> None:
         """Compute the fitted buffers from the finalised moments."""
@@ -313,6 +321,37 @@ class MomentDetector(Detector):
         return batch.shared(
             ("features64", str(device)), lambda: batch.features.detach().to(device=device, dtype=_F64)
         )
+
+    def _derived(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` of the fitted buffers, cached until the next fit or load (per device)."""
+        values = self.__dict__.setdefault("_derived_values", {})
+        key = (name, str(self._fitted.device))
+        if key not in values:
+            values[key] = compute()
+        return values[key]
+
+    def _product(self, batch: DetectorInputs, x: Tensor, name: str) -> Tensor:
+        """``x @ M`` for float64 ``x`` ``[B, D]`` and the fitted matrix ``M = getattr(self, name)`` ``[..., D, K]``,
+        computed in the features' precision (float32 for float32 or half features, float64 for float64) and
+        returned as float64.
+
+        These ``[B, D] x [D, K]`` products are most of the scoring time of the moment detectors, and float64
+        products of float32 features cost twice as much for digits the features do not have (docs/benchmarks.md
+        section 8 measures the effect on scores and AUROC). Fitting, the fitted matrices and every other step
+        stay float64."""
+        dtype = self._product_dtype(batch)
+        return (x.to(dtype) @ self._fitted_as(name, dtype)).to(_F64)
+
+    @staticmethod
+    def _product_dtype(batch: DetectorInputs) -> torch.dtype:
+        return at_least_float32_dtype(batch.features.dtype)
+
+    def _fitted_as(self, name: str, dtype: torch.dtype) -> Tensor:
+        """The fitted buffer ``name`` in ``dtype`` (a cast cached until the next fit or load)."""
+        tensor = getattr(self, name)
+        if tensor.dtype == dtype:
+            return tensor
+        return self._derived(f"{name}/{dtype}", lambda: tensor.to(dtype))
 
     # -- products shared within a batch by detectors whose fitted tensors are equal ---------------------------
     def _key(self, *names: str) -> tuple[str, ...]:
@@ -332,13 +371,18 @@ class MomentDetector(Detector):
     def _whitened(self, batch: DetectorInputs) -> Tensor:
         """``(z - mu_0) W`` for the tied whitener ``W`` (shared by tied Mahalanobis and RMD)."""
         return batch.shared(
-            ("whitened", *self._key("center", "whitener")), lambda: self._centered(batch) @ self.whitener
+            ("whitened", str(batch.features.dtype), *self._key("center", "whitener")),
+            lambda: self._product(batch, self._centered(batch), "whitener"),
         )
 
     def _white_class_distances(self, batch: DetectorInputs) -> Tensor:
         """``[B, C]`` squared tied-Mahalanobis distances to every class mean."""
         return batch.shared(
-            ("white_class_distances", *self._key("center", "whitener", "white_means")),
+            (
+                "white_class_distances",
+                str(batch.features.dtype),
+                *self._key("center", "whitener", "white_means"),
+            ),
             lambda: squared_distances(self._whitened(batch), self.white_means),
         )
 

@@ -189,17 +189,16 @@ def kth_largest_cosine(queries: Tensor, bank: Tensor, k: int, chunk_size: int) -
     if bank.shape[0] < k:
         raise ValueError(f"k={k} exceeds the bank size {bank.shape[0]}")
     bank = bank.to(queries.device)
+    rows = min(chunk_size, bank.shape[0])
+    if k == 1:
+        return _largest_cosine(queries, bank, rows)
     # One reused [B, chunk] buffer: a fresh 10-100 MB allocation per chunk costs page faults on CPU.
-    buf = queries.new_empty(queries.shape[0], min(chunk_size, bank.shape[0]))
+    buf = queries.new_empty(queries.shape[0], rows)
     best: Tensor | None = None  # [B, <=k] the largest similarities seen so far
     for start in range(0, bank.shape[0], chunk_size):
         chunk = bank[start : start + chunk_size].to(queries.dtype)
         full = chunk.shape[0] == buf.shape[1]
         sims = torch.mm(queries, chunk.T, out=buf) if full else queries @ chunk.T  # [B, c]
-        if k == 1:  # amax is much cheaper than topk
-            top = sims.amax(dim=1, keepdim=True)
-            best = top if best is None else torch.maximum(best, top)
-            continue
         top = sims.topk(min(k, sims.shape[1]), dim=1, sorted=False).values
         if best is not None:  # merge two small [B, <=k] sets
             top = torch.cat([best, top], dim=1)
@@ -207,6 +206,22 @@ def kth_largest_cosine(queries: Tensor, bank: Tensor, k: int, chunk_size: int) -
         best = top
     assert best is not None
     return best.amin(dim=1)  # best holds exactly the k largest: its minimum is the k-th largest
+
+
+def _largest_cosine(queries: Tensor, bank: Tensor, rows: int) -> Tensor:
+    """k = 1: ``[B]`` the largest of ``queries @ bank.T`` per row. Products are bank-major (``[rows, B]``, reduced
+    over the bank rows, one reused buffer): on CPU they ran faster than ``[B, rows]`` products reduced along a
+    row (docs/benchmarks.md, section 8); the same values up to the float rounding of the product."""
+    transposed = queries.T.contiguous()  # [D, B]
+    buf = queries.new_empty(rows, queries.shape[0])
+    best: Tensor | None = None
+    for start in range(0, bank.shape[0], rows):
+        chunk = bank[start : start + rows].to(queries.dtype)
+        sims = torch.mm(chunk, transposed, out=buf) if chunk.shape[0] == rows else chunk @ transposed
+        top = sims.amax(dim=0)  # amax is much cheaper than topk
+        best = top if best is None else torch.maximum(best, top)
+    assert best is not None
+    return best
 
 
 def nearest_euclidean(queries: Tensor, bank: Tensor, chunk_size: int = 8192) -> Tensor:

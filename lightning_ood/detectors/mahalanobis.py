@@ -99,10 +99,13 @@ class Mahalanobis(MomentDetector):
         if self.covariance == "tied":
             return self._white_class_distances(batch)
         z = self._centered(batch)
-        # One [B, D] x [D, D] product per class: O(C) matmuls, no [B, C, D] tensor.
-        mus = self.means - self.center
+        # One [B, D] x [D, D] product per class (in the features' precision, as MomentDetector._product):
+        # O(C) matmuls, no [B, C, D] tensor.
+        dtype = self._product_dtype(batch)
+        mus, whiteners = self.means - self.center, self._fitted_as("whitener", dtype)
         return torch.stack(
-            [((z - mu) @ w).square().sum(1) for mu, w in zip(mus, self.whitener, strict=True)], dim=1
+            [((z - mu).to(dtype) @ w).double().square().sum(1) for mu, w in zip(mus, whiteners, strict=True)],
+            dim=1,
         )
 
     def score(self, batch: DetectorInputs) -> Tensor:
@@ -119,7 +122,9 @@ class RMD(MomentDetector):
     ``EmpiricalCovariance().fit(z)`` (with ``ridge=0``, ``MD_0`` is its ``.mahalanobis(z)``). The paper's
     score is ``min_c RMD_c(z)`` with ``RMD_c = MD_c - MD_0``; ``MD_0`` does not depend on ``c``, so it equals
     ``min_c MD_c(z) - MD_0(z)``. ``z``: ``[B, D]``; returns ``[B]`` float64. Statistics: counts ``[C]``, sums
-    ``[C, D]`` and one ``[D, D]`` second moment (both covariances derive from it).
+    ``[C, D]`` and one ``[D, D]`` second moment (both covariances derive from it). Scoring takes ``MD_0`` from
+    the tied whitened features it shares with :class:`Mahalanobis` plus a rank-``< C`` correction
+    (:func:`background_factors`), not from a second ``[D, D]`` product.
 
     Args:
         ridge: relative ridge for both covariances, as in :class:`Mahalanobis`.
@@ -151,5 +156,59 @@ class RMD(MomentDetector):
 
     def score(self, batch: DetectorInputs) -> Tensor:
         md_class = self._white_class_distances(batch).amin(dim=1)
-        md_background = (self._centered(batch) @ self.background_whitener).square().sum(1)
-        return (md_class - md_background).to(batch.features.device)
+        return (md_class - self.background_distances(batch)).to(batch.features.device)
+
+    def background_distances(self, batch: DetectorInputs) -> Tensor:
+        """``[B]`` float64 ``MD_0``: from the tied whitened features and a rank-``< C`` correction
+        (:func:`background_factors`) when that identity holds, else as ``||(z - mu_0) W_0||^2``."""
+        factors = self._derived(
+            "background_factors",
+            lambda: background_factors(self.whitener, self.background_whitener, self.white_means, self.ridge),
+        )
+        if factors is None:
+            return self._product(batch, self._centered(batch), "background_whitener").square().sum(1)
+        scale2, basis, core = factors
+        y = self._whitened(batch)
+        q = y @ basis
+        return y.square() @ scale2 + ((q @ core) * q).sum(1)
+
+
+def background_factors(
+    whitener: Tensor, background_whitener: Tensor, white_means: Tensor, ridge: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """RMD's background distance from the tied whitened features ``y = (z - mu_0) W``: ``scale2`` ``[D]``,
+    ``basis`` ``[D, C]`` and ``core`` ``[C, C]`` with ``||(z - mu_0) W_0||^2 = y^2 . scale2 + q core q^T``,
+    ``q = y basis``; or ``None`` when that identity does not hold (a whitener dropped an eigenvalue) or does not
+    save work (``C > D / 2``): then RMD scores with ``W_0`` itself.
+
+    The total covariance is the within-class one plus the between-class scatter (rank ``<= C - 1``, spanned by
+    the centred class means ``mu_c - mu_0``). With the relative ridges ``r = ridge * trace / D`` of
+    :func:`whitener`: ``Sigma_0 + r_0 I = (Sigma_w + r_w I) + delta I + between``, ``delta = r_0 - r_w >= 0``.
+    ``W = V L^-1/2`` (``Sigma_w + r_w I = V L V^T``), so in whitened coordinates ``Sigma_w + r_0 I`` is
+    ``diag(L + delta) / L`` (its inverse ``diag(scale2)``, ``scale2 = L / (L + delta)``), and by the Woodbury
+    identity the inverse of the total is ``diag(scale2)`` plus a correction within the span of
+    ``basis = scale2 * (white means)^T``: ``W^-1 W_0 W_0^T W^-T = diag(scale2) + basis core basis^T``. ``core``
+    is that projection, solved with a pseudo-inverse; the identity is checked on every entry (within
+    ``D * eps * cond``, the accuracy of the whiteners as inverses) before it is used. So the background
+    distance costs ``O(D * C)`` per sample on top of the whitening that Mahalanobis and RMD already share,
+    instead of a second ``[D, D]`` product; the factors cost two ``[D, D]`` products once per fit. ``L``,
+    ``L_0`` are read off the whiteners' column norms (``||W_:j||^2 = 1 / L_j``), ``W^-1 = diag(L) W^T``, and
+    ``trace(Sigma + r I) = (1 + ridge) trace(Sigma)`` gives ``delta``. Float64.
+    """
+    d, c = whitener.shape[0], white_means.shape[0]
+    inv_evals, inv_evals0 = whitener.square().sum(0), background_whitener.square().sum(0)  # 1 / L_j
+    if c > d // 2 or not (bool((inv_evals > 0).all()) and bool((inv_evals0 > 0).all())):
+        return None
+    evals, evals0 = inv_evals.reciprocal(), inv_evals0.reciprocal()
+    delta = (ridge * (evals0.sum() - evals.sum()) / (d * (1.0 + ridge))).clamp_min(0.0)
+    scale2 = evals / (evals + delta)
+    to_white = (whitener * evals).mT @ background_whitener  # W^-1 W_0
+    correction = to_white @ to_white.mT - torch.diag(scale2)
+    basis = scale2[:, None] * white_means.mT
+    inverse = torch.linalg.pinv(basis)
+    core = inverse @ correction @ inverse.mT
+    core = 0.5 * (core + core.mT)
+    cond = max(float(v.max() / v.min()) for v in (inv_evals, inv_evals0))
+    if float((correction - basis @ core @ basis.mT).abs().max()) > d * torch.finfo(core.dtype).eps * cond:
+        return None
+    return scale2, basis, core

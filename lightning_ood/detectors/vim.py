@@ -167,6 +167,10 @@ class ViM(MomentDetector):
 
     def score(self, batch: DetectorInputs) -> Tensor:
         z = self._features(batch, self.origin)
-        residual = ((z - self.origin) @ self.residual_basis).norm(dim=1)
+        # (z - u) R as z R - u R: the [B, D] x [D, D - dim] product in the features' precision (see
+        # MomentDetector._product) is then of the features themselves, never of z - u, which is large when the
+        # origin u is far from the data; u R is float64, computed once per fit.
+        origin_residual = self._derived("origin_residual", lambda: self.origin @ self.residual_basis)
+        residual = (self._product(batch, z, "residual_basis") - origin_residual).norm(dim=1)
         energy = torch.logsumexp(batch.logits.detach().to(device=z.device, dtype=_F64), dim=1)
         return (self.fitted_alpha * residual - energy).to(batch.features.device)
