@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_ood.compare import find_runs, group_runs, summarise
+from lightning_ood.compare import find_runs, format_cell, group_runs, summarise
 
 #: Scores shown per method: its own, then the baselines it is read against.
 HEADLINE: dict[str, tuple[str, ...]] = {
@@ -37,20 +37,13 @@ HEADLINE: dict[str, tuple[str, ...]] = {
 METRICS = ("auroc", "fpr95_idpos", "fpr95_oodpos")
 
 
-def _pct(pair: tuple[float, float | None] | None) -> str:
-    if pair is None:
-        return "-"
-    mean, std = pair
-    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
 def _with_interval(record: Mapping[str, Any], metric: str) -> str:
     value, lo, hi = (record.get(f"all/{metric}{s}") for s in ("", "_lo", "_hi"))
     if value is None:
         return "-"
     if lo is None or hi is None:
-        return _pct(value)
-    return f"{_pct(value)} [{100 * lo[0]:.1f}, {100 * hi[0]:.1f}]"
+        return format_cell(value)
+    return f"{format_cell(value)} [{100 * lo[0]:.1f}, {100 * hi[0]:.1f}]"
 
 
 def headline(records: Sequence[Mapping[str, Any]]) -> str:
@@ -71,8 +64,10 @@ def headline(records: Sequence[Mapping[str, Any]]) -> str:
             if r is None:
                 continue
             lines.append(
-                f"| {group} | {score} | {r['runs']} | {_pct(r['id_acc'])} | {_pct(r.get('near/auroc'))} "
-                f"| {_pct(r.get('far/auroc'))} | " + " | ".join(_with_interval(r, m) for m in METRICS) + " |"
+                f"| {group} | {score} | {r['runs']} | {format_cell(r['id_acc'])} | {format_cell(r.get('near/auroc'))} "
+                f"| {format_cell(r.get('far/auroc'))} | "
+                + " | ".join(_with_interval(r, m) for m in METRICS)
+                + " |"
             )
     return "\n".join(lines) + "\n"
 

@@ -152,7 +152,8 @@ def summarise(groups: Mapping[str, Sequence[Run]], metrics: Sequence[str]) -> li
     return records
 
 
-def _cell(pair: tuple[float, float | None] | None) -> str:
+def format_cell(pair: tuple[float, float | None] | None) -> str:
+    """A ``(mean, std)`` pair as ``"mean ± std"`` in % (``"-"`` for none, no ``±`` for a single run)."""
     if pair is None:
         return "-"
     return f"{100 * pair[0]:.1f}" if pair[1] is None else f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
@@ -165,9 +166,9 @@ def to_markdown(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) ->
         "|---|---|---:|---:|" + "---:|" * len(columns),
     ]
     for r in records:
-        cells = [_cell(r[c]) for c in columns]
+        cells = [format_cell(r[c]) for c in columns]
         lines.append(
-            f"| {r['group']} | {r['detector']} | {r['runs']} | {_cell(r['id_acc'])} | "
+            f"| {r['group']} | {r['detector']} | {r['runs']} | {format_cell(r['id_acc'])} | "
             + " | ".join(cells)
             + " |"
         )
