@@ -11,8 +11,9 @@ Three timings of the same scores: ``batched`` (DiffGuard on the whole set, ``--b
 pass), ``reference loop`` (``benchmarks/diffguard_reference_loop.py``: one image at a time, the reference code's
 pattern of network calls) and ``DiffGuard, batch 1`` (this library's code one image at a time: isolates what
 batching alone gains). ``--loop-precision`` / ``--loop-channels-last`` set the loops' execution (default: the
-batched one's), so columns can differ only where the row says so. ``--unet-timings`` adds the network's own
-time per call at batch 1 and 2 and per image at the batched size.
+batched one's), so columns can differ only where the row says so; ``--loop-threads`` runs the loops at another
+torch thread count than the batched run (one image at a time gains little from many threads).
+``--unet-timings`` adds the network's own time per call at batch 1 and 2 and per image at the batched size.
 
 Without checkpoints it builds a random classifier (timm ``resnet10t``, 10 classes) and a random DiffusionModel
 with the architecture of ``configs/model/diffusion_unet_small.yaml`` on 28 px grey images: speed does not depend
@@ -108,10 +109,14 @@ def measure(
     loop_images: torch.Tensor,
     repeats: int,
     device: torch.device,
+    loop_threads: int | None = None,
 ) -> dict:
     """The batched run ``repeats`` times (median), the parts of the two loops between them; the loops are
     interleaved image by image, alternating which goes first, so that drifts of the machine's speed hit both
-    alike. Returns seconds, the scores, and per loop ``[seconds, evaluations / image, calls / image]``."""
+    alike. ``loop_threads``: torch threads while the loops run (``None``: the same as the batched run). Returns
+    seconds, the scores, and per loop ``[seconds, evaluations / image, calls / image]``."""
+    batched_threads = torch.get_num_threads()
+    loop_threads = loop_threads or batched_threads
     counters = {"batched": CountingDenoiser(batched_method), "loop": CountingDenoiser(loop_method)}
     loops = {
         "ref": lambda x: reference_style_scores(loop_method, x),
@@ -122,15 +127,18 @@ def measure(
     chunks = loop_images.split(-(-len(loop_images) // max(1, repeats - 1))) if repeats > 1 else [loop_images]
     with torch.inference_mode():
         batched_method.native_scores(batched_method.forward_outputs(images[:2]), images[:2])  # warm-up
+        torch.set_num_threads(loop_threads)
         for fn in loops.values():
             fn(loop_images[:1])
         for r in range(max(repeats, 1)):
+            torch.set_num_threads(batched_threads)
             counters["batched"].reset()
             seconds, scores = timed(
                 lambda: batched_method.native_scores(batched_method.forward_outputs(images), images), device
             )
             out["batched_s"].append(seconds)
             out["batched_scores"], out["batched_evals"] = scores, counters["batched"].images / len(images)
+            torch.set_num_threads(loop_threads)
             for image in chunks[r] if r < len(chunks) else []:
                 keys = ["ref", "ours"] if len(ref_scores) % 2 == 0 else ["ours", "ref"]
                 for key in keys:
@@ -141,6 +149,7 @@ def measure(
                     out[key][2] += counters["loop"].calls / len(loop_images)
                     if key == "ref":
                         ref_scores.append(scores)
+    torch.set_num_threads(batched_threads)
     out["batched_s"] = statistics.median(out["batched_s"])
     out["ref_scores"] = {k: torch.cat([s[k] for s in ref_scores]) for k in ref_scores[0]}
     return out
@@ -168,6 +177,9 @@ def main() -> None:
     parser.add_argument("--loop-channels-last", default=None, choices=["true", "false"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--loop-threads", type=int, default=None, help="torch threads of the loops (default: --threads)"
+    )
     parser.add_argument(
         "--repeats", type=int, default=3, help="batched runs (the median counts), between parts of the loops"
     )
@@ -199,7 +211,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     images = (torch.rand(args.images, 1, 28, 28, generator=generator) * 2 - 1).to(device)
     loop_images = images[: args.loop_images or args.images]
-    m = measure(batched_method, loop_method, images, loop_images, args.repeats, device)
+    m = measure(batched_method, loop_method, images, loop_images, args.repeats, device, args.loop_threads)
     n_loop = len(loop_images)
     rates = {
         "batched": len(images) / m["batched_s"],
@@ -221,6 +233,8 @@ def main() -> None:
         )
         print("|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    if args.loop_threads and device.type == "cpu":
+        name += f", loops x{args.loop_threads}"
     print(
         f"| {name} | {args.guidance.replace('_', '-')} | {setting}, {args.batch or len(images)} | {loop_setting} | "
         f"{len(images)} / {n_loop} | {m['batched_evals']:.0f} / {m['ref'][1]:.0f} / {m['ours'][1]:.0f} | "
@@ -231,7 +245,9 @@ def main() -> None:
     if args.unet_timings:
         with torch.inference_mode():
             sample = batched_method.diffusion.encode(batched_method.to_unit(images[:1]))
-            for label, method in ((setting, batched_method), (loop_setting, loop_method)):
+            threads = torch.get_num_threads()
+            for label, method, n in ((setting, batched_method, threads), (loop_setting, loop_method, None)):
+                torch.set_num_threads(n or args.loop_threads or threads)
                 print(
                     f"UNet alone ({label}): {unet_timings(method, sample, args.batch or len(images), device)}"
                 )

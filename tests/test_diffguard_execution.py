@@ -135,3 +135,35 @@ def test_the_benchmarks_reference_loop_computes_the_same_scores_with_the_referen
         torch.testing.assert_close(
             torch.cat([s[name] for s in looped]), value, rtol=1e-3, atol=1e-6, msg=name
         )
+
+
+def test_the_speed_benchmark_runs_the_loops_at_their_own_thread_count(root, monkeypatch):
+    # --loop-threads: the loops run at their own torch thread count, the batched runs at the caller's, and the
+    # caller's count is restored afterwards
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from diffguard_speed import measure
+
+    batched, loop = tiny_diffguard(root), tiny_diffguard(root)
+    seen = {"batched": set(), "loop": set()}
+    for key, method in (("batched", batched), ("loop", loop)):
+        original = method.diffusion.predict_noise
+
+        def spy(x, t, labels, key=key, original=original):
+            seen[key].add(torch.get_num_threads())
+            return original(x, t, labels)
+
+        method.diffusion.predict_noise = spy
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = images(3, seed=7)
+        out = measure(batched, loop, x, x[:2], repeats=2, device=torch.device("cpu"), loop_threads=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"batched": {2}, "loop": {1}}
+    assert out["ref"][0] > 0 and out["ours"][0] > 0 and out["batched_s"] > 0
+    for name, value in out["batched_scores"].items():
+        torch.testing.assert_close(out["ref_scores"][name], value[:2], rtol=1e-3, atol=1e-6, msg=name)
