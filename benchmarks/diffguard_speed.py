@@ -30,27 +30,20 @@ from pathlib import Path
 
 import torch
 from diffguard_reference_loop import reference_style_scores
-from lightning.pytorch import Trainer
 
 from lightning_ood.detectors import Energy
+from lightning_ood.frozen import save_method
 from lightning_ood.methods import Classifier, DiffGuard, DiffusionModel
 from lightning_ood.nets.diffusion import PRECISIONS
-
-
-def _save(module: torch.nn.Module, path: Path) -> str:
-    for key in ("optimizer", "scheduler"):
-        module.hparams.pop(key, None)
-    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-    return str(path)
 
 
 def random_models(folder: Path) -> tuple[str, str]:
     torch.manual_seed(0)
     classifier = Classifier(backbone="resnet10t", num_classes=10, in_chans=1)
     diffusion = DiffusionModel(num_classes=10, in_chans=1, sample_size=28, block_out_channels=(16, 32, 64))
-    return _save(classifier, folder / "classifier.ckpt"), _save(diffusion, folder / "diffusion.ckpt")
+    return save_method(classifier, folder / "classifier.ckpt"), save_method(
+        diffusion, folder / "diffusion.ckpt"
+    )
 
 
 class CountingDenoiser:

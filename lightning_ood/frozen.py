@@ -75,6 +75,26 @@ def load_method(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module
     return freeze(model)
 
 
+def save_method(module: nn.Module, path: str | os.PathLike) -> str:
+    """Write a method built in code (random or hand-set weights, not trained by a ``Trainer``) as a checkpoint
+    that :func:`load_method`, ``evaluate.py --ckpt_path`` and the methods' checkpoint arguments (e.g.
+    ``DiffGuard.classifier``) read; returns the path.
+
+    The ``optimizer`` and ``scheduler`` hyperparameters are left out of the file (classes and callables, which
+    a weights-only load refuses); the loaded method takes its defaults for them. ``module`` is not changed.
+    """
+    from lightning.pytorch import Trainer
+
+    removed = {key: module.hparams.pop(key) for key in ("optimizer", "scheduler") if key in module.hparams}
+    try:
+        trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.strategy.connect(module)
+        trainer.save_checkpoint(path)
+    finally:
+        module.hparams.update(removed)
+    return str(path)
+
+
 def _unsaved_prefixes(module: nn.Module, prefix: str) -> tuple[str, ...]:
     return tuple(f"{prefix}{name}." for name in module._unsaved)
 

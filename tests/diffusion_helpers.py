@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from lightning.pytorch import Trainer
 
 from lightning_ood.detectors import Energy
+from lightning_ood.frozen import save_method
 from lightning_ood.methods import Classifier, DiffGuard, DiffusionModel
 from lightning_ood.nets.diffusion import UNetDenoiser, class_conditional_unet
 
@@ -22,15 +22,6 @@ def tiny_denoiser(seed: int = 0) -> UNetDenoiser:
     return UNetDenoiser(unet, DDPMScheduler(num_train_timesteps=TIMESTEPS).alphas_cumprod)
 
 
-def save(module: torch.nn.Module, path: Path) -> str:
-    for key in ("optimizer", "scheduler"):  # class defaults: not loadable with torch.load(weights_only=True)
-        module.hparams.pop(key, None)
-    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-    return str(path)
-
-
 def tiny_checkpoints(root: Path) -> tuple[str, str]:
     """(classifier checkpoint, diffusion checkpoint), both randomly initialised, 3 classes, 8 px grey."""
     torch.manual_seed(0)
@@ -39,7 +30,7 @@ def tiny_checkpoints(root: Path) -> tuple[str, str]:
         num_classes=CLASSES, in_chans=1, sample_size=SIZE, block_out_channels=(8, 16), norm_num_groups=4,
         num_train_timesteps=TIMESTEPS, beta_schedule="linear", ema_decay=None, score_timesteps=(10,),
     )  # fmt: skip
-    return save(classifier, root / "classifier.ckpt"), save(diffusion, root / "diffusion.ckpt")
+    return save_method(classifier, root / "classifier.ckpt"), save_method(diffusion, root / "diffusion.ckpt")
 
 
 def tiny_diffguard(root: Path, **kwargs) -> DiffGuard:

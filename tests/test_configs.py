@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from diffusion_helpers import save
 from encoder_helpers import ENCODER_FIXTURES, encoder_override, frozen_encoder_kind
 
 from lightning_ood.cli import OODCLI
+from lightning_ood.frozen import save_method
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = [
@@ -55,7 +55,7 @@ def diffguard_parts(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     from lightning_ood.methods import Classifier, DiffusionModel
 
     root = tmp_path_factory.mktemp("diffguard_parts")
-    classifier = save(
+    classifier = save_method(
         Classifier(backbone="test_resnet", num_classes=10, in_chans=1), root / "classifier.ckpt"
     )
     diffusion = DiffusionModel(
@@ -63,7 +63,7 @@ def diffguard_parts(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     )
     return [
         f"--model.init_args.classifier={classifier}",
-        f"--model.init_args.diffusion={save(diffusion, root / 'diffusion.ckpt')}",
+        f"--model.init_args.diffusion={save_method(diffusion, root / 'diffusion.ckpt')}",
     ]
 
 

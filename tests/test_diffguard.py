@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusion_helpers import CLASSES, SIZE, TIMESTEPS, save, tiny_checkpoints, tiny_denoiser, tiny_diffguard
+from diffusion_helpers import CLASSES, SIZE, TIMESTEPS, tiny_checkpoints, tiny_denoiser, tiny_diffguard
 
 from lightning_ood.contract import DetectorInputs
 from lightning_ood.detectors import Energy
-from lightning_ood.frozen import file_sha256
+from lightning_ood.frozen import file_sha256, save_method
 from lightning_ood.nets.ddim import ddim_invert, ddim_regenerate, ddim_step, ddim_timesteps
 from lightning_ood.nets.diffusion_loading import load_denoiser
 
@@ -64,7 +64,7 @@ def test_checkpoints_hold_neither_unet_nor_classifier_weights(root, tmp_path):
     with torch.no_grad():
         dg.native_scores(dg.forward_outputs(x), x)
     assert dg.state_dict() == {}  # nothing of DiffGuard is training state
-    ckpt = torch.load(save(dg, tmp_path / "diffguard.ckpt"), weights_only=False)
+    ckpt = torch.load(save_method(dg, tmp_path / "diffguard.ckpt"), weights_only=False)
     assert not [k for k in ckpt["state_dict"] if "unet" in k or k.startswith(("classifier.", "diffusion."))]
     frozen = ckpt["lightning_ood_frozen"]
     assert (

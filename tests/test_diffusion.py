@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from cli_helpers import FAST, csv_logger, rows_by_key
-from diffusion_helpers import save
 
 from lightning_ood.cli import evaluate, train
+from lightning_ood.frozen import save_method
 from lightning_ood.methods import Classifier, DiffusionModel
 
 DATA = ["--data", "configs/data/digits_tiny.yaml"]
@@ -37,7 +37,7 @@ def test_diffusion_trains_then_diffguard_evaluates_through_the_cli(tmp_path):
     assert any(not torch.equal(state[k], state[k.replace("ema_unet.", "unet.", 1)]) for k in ema)
 
     torch.manual_seed(0)
-    classifier = save(
+    classifier = save_method(
         Classifier(backbone="test_resnet", num_classes=10, in_chans=1), tmp_path / "classifier.ckpt"
     )
     out = tmp_path / "diffguard"

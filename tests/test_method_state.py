@@ -13,7 +13,7 @@ from lightning_ood.cli import OODCLI, evaluate, train
 from lightning_ood.data import IDSetSpec
 from lightning_ood.detectors import ASH, KNN, MSP, Energy, Mahalanobis, ReAct, ViM
 from lightning_ood.detectors.fitting import cache_path
-from lightning_ood.frozen import file_sha256
+from lightning_ood.frozen import file_sha256, load_method, save_method
 from lightning_ood.methods import Classifier
 from lightning_ood.metrics import METRIC_KEYS
 
@@ -248,3 +248,19 @@ def test_fit_cache_key_changes_with_every_setting_that_shapes_the_features(tmp_p
     model.hparams["label_smoothing"] = 0.3  # training-only: the same features
     assert key() == base
     model._trainer = None
+
+
+def test_save_method_writes_a_loadable_checkpoint_and_leaves_the_method_unchanged(tmp_path):
+    torch.manual_seed(0)
+    method = Classifier(backbone="test_resnet", num_classes=3, in_chans=1)
+    hparams = dict(method.hparams)
+    path = save_method(method, tmp_path / "built.ckpt")
+    assert dict(method.hparams) == hparams  # optimizer / scheduler put back
+    saved = torch.load(path, weights_only=False)["hyper_parameters"]
+    assert "optimizer" not in saved and "scheduler" not in saved and saved["num_classes"] == 3
+    loaded = load_method(path)
+    assert type(loaded) is Classifier and not loaded.training
+    state = method.state_dict()
+    assert loaded.state_dict().keys() == state.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
