@@ -239,8 +239,12 @@ def main() -> None:
         with torch.inference_mode():
             sample = batched_method.diffusion.encode(batched_method.to_unit(images[:1]))
             threads = torch.get_num_threads()
-            for label, method, n in ((setting, batched_method, threads), (loop_setting, loop_method, None)):
-                torch.set_num_threads(n or args.loop_threads or threads)
+            runs = (
+                (setting, batched_method, threads),
+                (loop_setting, loop_method, args.loop_threads or threads),
+            )
+            for label, method, n in runs:
+                torch.set_num_threads(n)
                 print(
                     f"UNet alone ({label}): {unet_timings(method, sample, args.batch or len(images), device)}"
                 )

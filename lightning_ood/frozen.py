@@ -77,8 +77,8 @@ def load_method(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module
 
 def save_method(module: nn.Module, path: str | os.PathLike) -> str:
     """Write a method built in code (random or hand-set weights, not trained by a ``Trainer``) as a checkpoint
-    that :func:`load_method`, ``evaluate.py --ckpt_path`` and the methods' checkpoint arguments (e.g.
-    ``DiffGuard.classifier``) read; returns the path.
+    that :func:`load_method` and the methods' checkpoint arguments (e.g. ``DiffGuard.classifier``) read;
+    returns the path.
 
     The ``optimizer`` and ``scheduler`` hyperparameters are left out of the file (classes and callables, which
     a weights-only load refuses); the loaded method takes its defaults for them. ``module`` is not changed.

@@ -167,3 +167,23 @@ def test_the_speed_benchmark_runs_the_loops_at_their_own_thread_count(root, monk
     assert out["ref"][0] > 0 and out["ours"][0] > 0 and out["batched_s"] > 0
     for name, value in out["batched_scores"].items():
         torch.testing.assert_close(out["ref_scores"][name], value[:2], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_the_merged_call_pattern_benchmark_makes_the_same_evaluations_but_one_shared(monkeypatch):
+    # benchmarks/diffusion_network_options.py compares two call patterns of a classifier-free round trip: both
+    # must evaluate the network on the same images (4 S B evaluations; merged shares the first step's eps_null:
+    # one B fewer), in 3 S calls against 2 S
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import diffusion_network_options as options
+
+    sizes = []
+    monkeypatch.setattr(options, "call", lambda net, batch, dtype: sizes.append(batch))
+    steps, b = 4, 5
+    options.round_trip(None, b, steps, None, merged=False)
+    assert sizes == [b] * steps + [2 * b, b] * steps
+    sizes.clear()
+    options.round_trip(None, b, steps, None, merged=True)
+    assert sizes == [b] * steps + [2 * b] + [3 * b] * (steps - 1)
+    assert sum(sizes) == 4 * steps * b - b
