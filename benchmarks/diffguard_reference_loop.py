@@ -13,8 +13,9 @@ does per image: the batch-size-1 side of ``benchmarks/diffguard_speed.py``. It c
   function evaluates the network again on the guided image, with autograd recording, to re-derive the
   predicted ``x0`` for the blend, and runs the classifier forward and backward on the blend.
 
-What the reference code does and ``DiffGuard`` does not (Grad-CAM masks, cut-outs, adaptive early stop of the
-inversion) is left out here too: it would change the scores, not only the cost.
+The Grad-CAM mask (when the settings have it) and the clamped inversion (``clip_inversion``) are computed as
+``DiffGuard`` computes them. What the reference code does and ``DiffGuard`` does not (cut-outs, adaptive early
+stop of the inversion) is left out here too: it would change the scores, not only the cost.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_ood.methods import DiffGuard
+from lightning_ood.methods.diffguard_cam import grad_cam_mask
 from lightning_ood.methods.diffguard_scores import similarity_scores
 from lightning_ood.nets.ddim import ddim_invert, ddim_regenerate, ddim_step
 
@@ -33,17 +35,22 @@ def reference_style_scores(method: DiffGuard, image: Tensor) -> dict[str, Tensor
     """``diffguard_<measure>`` scores ``[1]`` of one normalised image ``[1, C, H, W]`` (module doc)."""
     if len(image) != 1:
         raise ValueError(f"one image at a time, got a batch of {len(image)}")
-    den, h = method.diffusion, method.hparams
+    den, s = method.diffusion, method.settings
     shape = tuple(image.shape[1:])
     preds = method.classifier.forward_outputs(image).logits.argmax(dim=1)
     own = method.classifier.forward_outputs(image)  # the reference code's second pass over the input
     unit = method.to_unit(image)
     with torch.no_grad():
-        z_star = ddim_invert(den, den.encode(unit), method.timesteps, labels=None)
-    with_reference = h.reference == "unconditional"
-    if h.guidance == "classifier_free":
-        labels = method.class_map[preds]
-        z = ddim_regenerate(den, z_star, method.timesteps, labels, h.guidance_scale, clip=den.clip_sample)
+        clip = s.clip_inversion and den.clip_sample
+        z_star = ddim_invert(den, den.encode(unit), method.timesteps, labels=None, clip=clip)
+    with_reference = s.reference == "unconditional"
+    if s.guidance == "classifier_free":
+        labels, mask = method.class_map[preds], None
+        if s.grad_cam:
+            mask = den.encode_mask(grad_cam_mask(method._cam_net, image, preds, s.cam_threshold), z_star)
+        z = ddim_regenerate(
+            den, z_star, method.timesteps, labels, s.guidance_scale, clip=den.clip_sample, mask=mask
+        )
         z_ref = (
             ddim_regenerate(den, z_star, method.timesteps, None, clip=den.clip_sample)
             if with_reference

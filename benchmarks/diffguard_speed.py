@@ -164,6 +164,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", default="classifier_free", choices=["classifier_free", "classifier"])
     parser.add_argument("--reference", default="unconditional", choices=["unconditional", "input"])
+    parser.add_argument(
+        "--grad-cam", action="store_true", help="the Grad-CAM mask (off: as the recorded measurements)"
+    )
     parser.add_argument("--precision", default="32-true", choices=list(PRECISIONS))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--loop-precision", default=None, choices=list(PRECISIONS))
@@ -192,7 +195,8 @@ def main() -> None:
         def build(precision: str, channels_last: bool) -> DiffGuard:
             return DiffGuard(
                 classifier, diffusion, num_classes=10, in_chans=1, steps=args.steps, guidance=args.guidance,
-                reference=args.reference, input_mean=[0.5], input_std=[0.5], detectors=[Energy()],
+                reference=args.reference, grad_cam=args.grad_cam, input_mean=[0.5], input_std=[0.5],
+                detectors=[Energy()],
                 combine_with=None, diffusion_batch_size=args.batch, diffusion_precision=precision,
                 channels_last=channels_last,
             ).eval().to(device)  # fmt: skip

@@ -152,12 +152,13 @@ def test_unconditional_model_needs_classifier_guidance(root, tmp_path):
     assert all(torch.isfinite(v).all() for v in scores.values())
 
 
-def _diffguard_on(root, folder, guidance):
+def _diffguard_on(root, folder, guidance, **kwargs):
     from lightning_ood.methods import DiffGuard
 
     return DiffGuard(
         str(root / "classifier.ckpt"), str(folder), num_classes=CLASSES, in_chans=1, guidance=guidance,
         t_star=60, steps=3, input_mean=[0.5], input_std=[0.5], detectors=[Energy()], combine_with=None,
+        **kwargs,
     )  # fmt: skip
 
 
@@ -179,7 +180,7 @@ def test_latent_dit_pipeline_through_its_vae(root, tmp_path):
     ).save_pretrained(folder)
     den, _ = load_denoiser(folder)
     assert den.conditional and den.num_classes == CLASSES and den.image_size == 8
-    dg = _diffguard_on(root, folder, "classifier_free")
+    dg = _diffguard_on(root, folder, "classifier_free", reference="unconditional")
     x = torch.rand(2, 1, SIZE, SIZE) * 2 - 1
     with torch.no_grad():
         regen = dg.regenerate(x)

@@ -19,7 +19,7 @@ from lightning_ood.callbacks.test_pictures import TestPictures
 class Regenerations(TestPictures):
     """When testing ends, one PNG ``plots/regenerations.png``: a row per test set, for each of its first
     ``num_images`` images the input, its regeneration under the predicted class (titled with the class) and, when
-    the method keeps one, the unconditional reference, side by side.
+    the method compares with one (``reference: unconditional``), the unconditional reference, side by side.
 
     Needs a method with ``regenerate(images, preds)`` (:class:`~lightning_ood.methods.DiffGuard`); the
     regenerations are recomputed for these few images only.
@@ -50,7 +50,10 @@ class Regenerations(TestPictures):
                 label = int(labels[col])
                 name = names[label] if names and label < len(names) else str(label)
                 ax.set_title(f"{set_name}: {name}" if col == 0 else name, fontsize=7)
-        fig.suptitle("input | regenerated under the predicted class | unconditional reference", fontsize=8)
+        title = "input | regenerated under the predicted class"
+        if getattr(getattr(pl_module, "settings", None), "reference", "input") == "unconditional":
+            title += " | unconditional reference"
+        fig.suptitle(title, fontsize=8)
         fig.tight_layout()
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "regenerations.png"

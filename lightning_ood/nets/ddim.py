@@ -52,29 +52,39 @@ def ddim_step(x: Tensor, eps: Tensor, alpha_from: float, alpha_to: float, clip: 
     return alpha_to**0.5 * x0 + (1.0 - alpha_to) ** 0.5 * eps
 
 
-def guided_noise(denoiser: Denoiser, x: Tensor, t: int, labels: Tensor | None, scale: float) -> Tensor:
+def guided_noise(
+    denoiser: Denoiser, x: Tensor, t: int, labels: Tensor | None, scale: float, mask: Tensor | None = None
+) -> Tensor:
     """``eps`` with classifier-free guidance (Ho & Salimans, 2022): ``eps_null + scale (eps_y - eps_null)``;
     ``scale = 1`` is the plain conditional model, ``labels = None`` the unconditional one. Both branches run as
-    one batch of ``2B``."""
+    one batch of ``2B``. ``mask`` (``[B, 1, h, w]`` in the diffused space, 0 / 1): guided where it is 1,
+    ``eps_null`` elsewhere (DiffGuard's Grad-CAM mask)."""
     tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
-    if labels is None or scale == 1.0:
+    if labels is None or (scale == 1.0 and mask is None):
         return denoiser.noise(x, tt, labels)
     null = torch.full_like(labels, denoiser.num_classes)
     eps = denoiser.noise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, null]))
     eps_y, eps_null = eps.chunk(2)
-    return eps_null + scale * (eps_y - eps_null)
+    guided = eps_null + scale * (eps_y - eps_null)
+    return guided if mask is None else torch.where(mask > 0.5, guided, eps_null)
 
 
 @torch.no_grad()
 def ddim_invert(
-    denoiser: Denoiser, z: Tensor, timesteps: list[int], labels: Tensor | None = None, scale: float = 1.0
+    denoiser: Denoiser,
+    z: Tensor,
+    timesteps: list[int],
+    labels: Tensor | None = None,
+    scale: float = 1.0,
+    clip: bool = False,
 ) -> Tensor:
     """``x_{t_0}`` -> ``x_{t_S}`` along ``timesteps`` (increasing), ``eps`` conditioned on ``labels`` (None:
-    unconditional, as the reference code's latent setting)."""
+    unconditional, as in both settings of the reference code). ``clip``: clamp each step's predicted ``x0`` to
+    ``[-1, 1]`` (:func:`ddim_step`; the reference code's pixel setting clamps its inversion too)."""
     a = denoiser.alphas_cumprod
     for t_from, t_to in itertools.pairwise(timesteps):
         eps = guided_noise(denoiser, z, t_from, labels, scale)
-        z = ddim_step(z, eps, float(a[t_from]), float(a[t_to]))
+        z = ddim_step(z, eps, float(a[t_from]), float(a[t_to]), clip and t_from > 0)
     return z
 
 
@@ -87,12 +97,13 @@ def ddim_regenerate(
     correction: EpsCorrection | None = None,
     progress: bool = False,
     clip: bool = False,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """``x_{t_S}`` -> ``x_{t_0}`` along ``timesteps`` (given increasing; walked downwards).
 
     ``clip``: clamp each step's predicted ``x0`` to ``[-1, 1]`` (:func:`ddim_step`).
 
-    ``labels`` / ``scale``: classifier-free guidance (:func:`guided_noise`). ``correction``: an extra change of
+    ``labels`` / ``scale`` / ``mask``: classifier-free guidance (:func:`guided_noise`). ``correction``: an extra change of
     ``eps`` per step (classifier guidance); it may use autograd on its own inputs, the network's ``eps`` is
     computed without gradients.
     """
@@ -101,7 +112,7 @@ def ddim_regenerate(
     bar = tqdm(pairs, desc="DDIM", disable=not progress, leave=False, file=sys.stderr)
     for t_from, t_to in bar:
         with torch.no_grad():
-            eps = guided_noise(denoiser, z, t_from, labels, scale)
+            eps = guided_noise(denoiser, z, t_from, labels, scale, mask)
         if correction is not None:
             tt = torch.full((len(z),), t_from, dtype=torch.long, device=z.device)
             eps = correction(z, tt, eps, float(a[t_from]))

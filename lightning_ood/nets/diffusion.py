@@ -155,6 +155,11 @@ class Denoiser(nn.Module):
         ``[-1, 1]`` (not clamped)."""
         return z
 
+    def encode_mask(self, mask: Tensor, z: Tensor) -> Tensor:
+        """A ``[B, 1, H, W]`` 0 / 1 mask on the images -> the same region in the diffused space of ``z``
+        (``[B, 1, h, w]``; nearest-neighbour resizing, as the reference code does for latents)."""
+        return F.interpolate(mask, size=tuple(z.shape[-2:]), mode="nearest")
+
 
 class UNetDenoiser(Denoiser):
     """A ``diffusers.UNet2DModel`` on pixels (ours: class-conditional with a null class; a ``DDIMPipeline``'s:
@@ -184,6 +189,9 @@ class UNetDenoiser(Denoiser):
 
     def decode(self, z: Tensor, shape: tuple[int, int, int]) -> Tensor:
         return crop_to(z, shape[1], shape[2])
+
+    def encode_mask(self, mask: Tensor, z: Tensor) -> Tensor:
+        return pad_to(mask, self.sample_size)  # the border's value repeated, like the padded image
 
 
 class LatentDenoiser(Denoiser):
