@@ -2,8 +2,9 @@
 # DiffGuard protecting the quickstart classifiers on both offline Fashion-MNIST benchmarks (docs/results.md,
 # "DiffGuard"). Step 1 trains the diffusion model unless DIFFUSION points at one; step 2 evaluates DiffGuard on
 # each benchmark with a seeded subset of the test sets: TEST_LIMIT ID test images and OOD_LIMIT images per OOD
-# set (data seed 0), the combined score standardised on VAL_IMAGES ID validation images; GUIDANCE picks the
-# back-end (classifier_free, or classifier) and BENCHMARKS the benchmarks.
+# set (data seed 0), the combined score standardised on VAL_IMAGES ID validation images; PRESET picks the setting
+# (cfg_latent, or cg_pixel), STEPS / GUIDANCE / REFERENCE override it when set, BENCHMARKS picks the benchmarks.
+# The results page's DiffGuard section ran the old defaults: STEPS=10 REFERENCE=unconditional T_STAR=1.0.
 # Resumable: a step whose result file exists is skipped (delete its folder to redo it).
 #   CLASSIFIER_FMNIST=<ckpt> CLASSIFIER_OPENSET=<ckpt> bash benchmarks/run_diffguard.sh
 # Writes $OUT/{diffusion,fashionmnist,fashionmnist_openset}/ and prints the Markdown tables.
@@ -13,11 +14,14 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-results/diffguard}
 CLASSIFIER_FMNIST=${CLASSIFIER_FMNIST:-results/fashionmnist/seed0/checkpoints/best-epoch=001.ckpt}
 CLASSIFIER_OPENSET=${CLASSIFIER_OPENSET:-results/fashionmnist_openset/seed0/checkpoints/best-epoch=001.ckpt}
-STEPS=${STEPS:-10}
+PRESET=${PRESET:-cfg_latent}
+STEPS=${STEPS:-}
+REFERENCE=${REFERENCE:-}
+T_STAR=${T_STAR:-}
 TEST_LIMIT=${TEST_LIMIT:-300}
 OOD_LIMIT=${OOD_LIMIT:-100}
 VAL_IMAGES=${VAL_IMAGES:-200}
-GUIDANCE=${GUIDANCE:-classifier_free}   # or classifier (the protected classifier guides; use another OUT)
+GUIDANCE=${GUIDANCE:-}   # classifier_free or classifier (the protected classifier guides; use another OUT)
 BENCHMARKS=${BENCHMARKS:-fashionmnist fashionmnist_openset}
 COMMON=(--trainer.logger=false --trainer.enable_progress_bar=false --ood_eval.print_table=false)
 mkdir -p "$OUT"
@@ -57,8 +61,9 @@ for bench in $BENCHMARKS; do
   start=$(date +%s)
   $PY evaluate.py --config configs/diffguard_fashionmnist.yaml "${COMMON[@]}" --data "$dir/data.yaml" \
     --model.init_args.classifier "$classifier" --model.init_args.diffusion "$DIFFUSION" \
-    --model.init_args.steps "$STEPS" --model.init_args.combine_val_images "$VAL_IMAGES" \
-    --model.init_args.guidance "$GUIDANCE" \
+    --model.init_args.preset "$PRESET" --model.init_args.combine_val_images "$VAL_IMAGES" \
+    ${STEPS:+--model.init_args.steps "$STEPS"} ${GUIDANCE:+--model.init_args.guidance "$GUIDANCE"} \
+    ${REFERENCE:+--model.init_args.reference "$REFERENCE"} ${T_STAR:+--model.init_args.t_star "$T_STAR"} \
     --trainer.default_root_dir "$dir" --ood_eval.output_dir "$dir" \
     --trainer.callbacks.init_args.output_dir "$dir"
   echo $(( $(date +%s) - start )) > "$dir/wall_seconds.txt"
@@ -67,5 +72,5 @@ done
 for bench in $BENCHMARKS; do
   $PY benchmarks/diffguard_table.py "$OUT/$bench/ood_results.json" --title "\`$bench\`"
   $PY benchmarks/results_table.py "$OUT/$bench/ood_results.json" \
-    --title "DiffGuard on \`$bench\` ($STEPS DDIM steps; $TEST_LIMIT ID / $OOD_LIMIT per OOD set; $(cat "$OUT/$bench/wall_seconds.txt") s)"
+    --title "DiffGuard on \`$bench\` (preset $PRESET, ${STEPS:-preset} DDIM steps; $TEST_LIMIT ID / $OOD_LIMIT per OOD set; $(cat "$OUT/$bench/wall_seconds.txt") s)"
 done

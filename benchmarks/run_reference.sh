@@ -11,13 +11,15 @@
 # (configs/diffusion_fashionmnist.yaml, trained on that benchmark's ID classes, seed 0).
 # Stage `derived` (on each seed's reference Classifier checkpoint): the heatmap decoder (run_heatmap.sh's budget:
 # half an epoch), the frozen encoder (the classifier as a frozen feature extractor: kNN, Mahalanobis, RMD, linear
-# probe) and DiffGuard (DG_STEPS DDIM steps, full test sets unless DG_TEST_LIMIT / DG_OOD_LIMIT are set).
+# probe) and DiffGuard (preset DG_PRESET, DG_STEPS DDIM steps, full test sets unless DG_TEST_LIMIT / DG_OOD_LIMIT
+# are set).
 # Stage `table`: `python -m lightning_ood.compare` over every run (Markdown, CSV, plot in $OUT/compare/) and the
 # per-run wall times.
 # Results: $OUT/<benchmark>/<method>/seed<k>/ (ood_results.{json,csv,md}, train.log, wall_s, log/version_0/).
 # Environment: PY, OUT (results/reference), BENCHMARKS, SEEDS ("0 1 2"), METHODS (the train-stage methods:
 # "classifier ssod oodformer diffusion"), DERIVED ("heatmap frozen_encoder diffguard"), ACCEL (cpu), PARALLEL (1),
-# BOOTSTRAP (1000 resamples for the intervals), DG_STEPS (10), DG_TEST_LIMIT / DG_OOD_LIMIT (unset: whole sets).
+# BOOTSTRAP (1000 resamples for the intervals), DG_PRESET (cfg_latent), DG_STEPS (25; the results page's DiffGuard
+# rows ran the old defaults with 10, docs/results.md), DG_TEST_LIMIT / DG_OOD_LIMIT (unset: whole sets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -29,10 +31,11 @@ DERIVED=${DERIVED:-"heatmap frozen_encoder diffguard"}
 ACCEL=${ACCEL:-cpu}
 PARALLEL=${PARALLEL:-1}
 BOOTSTRAP=${BOOTSTRAP:-1000}
-DG_STEPS=${DG_STEPS:-10}
+DG_PRESET=${DG_PRESET:-cfg_latent}
+DG_STEPS=${DG_STEPS:-25}
 DG_TEST_LIMIT=${DG_TEST_LIMIT:-}
 DG_OOD_LIMIT=${DG_OOD_LIMIT:-}
-export PY OUT ACCEL BOOTSTRAP DG_STEPS DG_TEST_LIMIT DG_OOD_LIMIT WANDB_SILENT=true
+export PY OUT ACCEL BOOTSTRAP DG_PRESET DG_STEPS DG_TEST_LIMIT DG_OOD_LIMIT WANDB_SILENT=true
 OODFORMER_OPENSET_AUG='[{class_path: torchvision.transforms.v2.RandomResizedCrop, init_args: {size: 28, scale: [0.2, 1.0]}}, {class_path: torchvision.transforms.v2.RandomHorizontalFlip}]'
 
 best() { ls "$1"/log/version_0/checkpoints/best-*.ckpt 2>/dev/null | head -1 || true; }
@@ -112,6 +115,7 @@ one() {  # one <method> <benchmark> <seed>: a single run
       run "$dir" evaluate.py --config configs/diffguard_fashionmnist.yaml --data "$OUT/$bench/diffguard/data.yaml" \
         --seed_everything "$seed" --model.init_args.classifier="$clf" \
         --model.init_args.diffusion="$(best "$OUT/$bench/diffusion")" --model.init_args.steps="$DG_STEPS" \
+        --model.init_args.preset="$DG_PRESET" \
         --trainer.callbacks.init_args.output_dir="$dir/regenerations" ;;
     *) echo "unknown method $method" >&2; return 2 ;;
   esac

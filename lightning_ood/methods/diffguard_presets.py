@@ -151,7 +151,9 @@ def resolve(preset: str, overrides: dict[str, Any], alphas: Tensor) -> Settings:
     t_star = given.pop("t_star", None)
     threshold = float(given.pop("cam_threshold", 0.3))
     if "guidance" in given and "grad_cam" not in given and given["guidance"] != "classifier_free":
-        given["grad_cam"] = False  # the mask belongs to classifier-free guidance: a preset's mask goes with it
+        given["grad_cam"] = (
+            False  # the mask belongs to classifier-free guidance: a preset's mask goes with it
+        )
     chosen = replace(base, **given)
     if chosen.grad_cam and chosen.guidance != "classifier_free":
         raise ValueError(

@@ -103,9 +103,9 @@ def ddim_regenerate(
 
     ``clip``: clamp each step's predicted ``x0`` to ``[-1, 1]`` (:func:`ddim_step`).
 
-    ``labels`` / ``scale`` / ``mask``: classifier-free guidance (:func:`guided_noise`). ``correction``: an extra change of
-    ``eps`` per step (classifier guidance); it may use autograd on its own inputs, the network's ``eps`` is
-    computed without gradients.
+    ``labels`` / ``scale`` / ``mask``: classifier-free guidance (:func:`guided_noise`). ``correction``: an extra
+    change of ``eps`` per step (classifier guidance); it may use autograd on its own inputs, the network's ``eps``
+    is computed without gradients.
     """
     a = denoiser.alphas_cumprod
     pairs = list(zip(timesteps[::-1][:-1], timesteps[::-1][1:], strict=True))
