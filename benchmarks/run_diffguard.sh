@@ -3,8 +3,9 @@
 # "DiffGuard"). Step 1 trains the diffusion model unless DIFFUSION points at one; step 2 evaluates DiffGuard on
 # each benchmark with a seeded subset of the test sets: TEST_LIMIT ID test images and OOD_LIMIT images per OOD
 # set (data seed 0), the combined score standardised on VAL_IMAGES ID validation images; PRESET picks the setting
-# (cfg_latent, or cg_pixel), STEPS / GUIDANCE / REFERENCE override it when set, BENCHMARKS picks the benchmarks.
-# The results page's DiffGuard section ran the old defaults: STEPS=10 REFERENCE=unconditional T_STAR=1.0.
+# (cfg_latent, or cg_pixel), STEPS / GUIDANCE / REFERENCE / T_STAR / GRAD_CAM override it when set, BENCHMARKS
+# picks the benchmarks. The results page's DiffGuard section ran the old defaults, which are (but for the L1
+# logits distance) STEPS=10 REFERENCE=unconditional T_STAR=1.0 GRAD_CAM=false.
 # Resumable: a step whose result file exists is skipped (delete its folder to redo it).
 #   CLASSIFIER_FMNIST=<ckpt> CLASSIFIER_OPENSET=<ckpt> bash benchmarks/run_diffguard.sh
 # Writes $OUT/{diffusion,fashionmnist,fashionmnist_openset}/ and prints the Markdown tables.
@@ -18,6 +19,7 @@ PRESET=${PRESET:-cfg_latent}
 STEPS=${STEPS:-}
 REFERENCE=${REFERENCE:-}
 T_STAR=${T_STAR:-}
+GRAD_CAM=${GRAD_CAM:-}   # true / false: override the preset's Grad-CAM mask
 TEST_LIMIT=${TEST_LIMIT:-300}
 OOD_LIMIT=${OOD_LIMIT:-100}
 VAL_IMAGES=${VAL_IMAGES:-200}
@@ -64,6 +66,7 @@ for bench in $BENCHMARKS; do
     --model.init_args.preset "$PRESET" --model.init_args.combine_val_images "$VAL_IMAGES" \
     ${STEPS:+--model.init_args.steps "$STEPS"} ${GUIDANCE:+--model.init_args.guidance "$GUIDANCE"} \
     ${REFERENCE:+--model.init_args.reference "$REFERENCE"} ${T_STAR:+--model.init_args.t_star "$T_STAR"} \
+    ${GRAD_CAM:+--model.init_args.grad_cam "$GRAD_CAM"} \
     --trainer.default_root_dir "$dir" --ood_eval.output_dir "$dir" \
     --trainer.callbacks.init_args.output_dir "$dir"
   echo $(( $(date +%s) - start )) > "$dir/wall_seconds.txt"

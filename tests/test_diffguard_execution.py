@@ -110,7 +110,7 @@ def test_the_benchmarks_reference_loop_computes_the_same_scores_with_the_referen
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from diffguard_reference_loop import reference_style_scores
 
-    dg = tiny_diffguard(root, guidance=guidance)
+    dg = tiny_diffguard(root, guidance=guidance, reference="unconditional")  # the pattern with uncond_aux
     steps = len(dg.timesteps) - 1
     calls = []
     original = dg.diffusion.predict_noise
