@@ -2,7 +2,10 @@
 bf16 / fp16 autocast) against float32, on real images and trained models.
 
     python benchmarks/diffguard_precision.py --classifier <classifier ckpt> --diffusion <diffusion ckpt> \
-        --test-limit 200 --ood-limit 40 --steps 10 [--guidance classifier]
+        --test-limit 200 --ood-limit 40 --steps 10 [--guidance classifier] [--old-defaults]
+
+``--old-defaults``: the settings the table of docs/diffguard.md was measured with (before the presets: full
+inversion ``t_star = 1.0``, the unconditional reference, no Grad-CAM mask; the logits distance is now L1).
 
 Fashion-MNIST test images (a seeded subset of ``--test-limit``) against the six far-OOD sets of
 ``configs/data/fashionmnist.yaml`` (``--ood-limit`` each). For every option and every ``diffguard_*`` score: the
@@ -50,7 +53,9 @@ def main() -> None:
     parser.add_argument("--guidance", default="classifier_free", choices=["classifier_free", "classifier"])
     parser.add_argument("--batch", type=int, default=64, help="images per diffusion pass")
     parser.add_argument("--fp16", action="store_true", help="also 16-mixed (slow on most CPUs)")
+    parser.add_argument("--old-defaults", action="store_true", help="the settings before the presets (doc)")
     args = parser.parse_args()
+    old = {"t_star": 1.0, "reference": "unconditional", "grad_cam": False} if args.old_defaults else {}
     settings = dict(SETTINGS)
     if args.fp16:
         settings["fp16-mixed"] = {"diffusion_precision": "16-mixed"}
@@ -69,7 +74,7 @@ def main() -> None:
         method = DiffGuard(
             args.classifier, args.diffusion, num_classes=10, in_chans=1, steps=args.steps,
             guidance=args.guidance, input_mean=[0.5], input_std=[0.5], detectors=[Energy()], combine_with=None,
-            diffusion_batch_size=args.batch, **options,
+            diffusion_batch_size=args.batch, **old, **options,
         ).eval()  # fmt: skip
         parts = []
         with torch.inference_mode():
