@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -80,7 +81,7 @@ def run_job(job: Job) -> str:
     env = {**os.environ, "WANDB_SILENT": "true"}
     start = time.monotonic()
     with job.log.open("w") as log:
-        log.write(" ".join(cmd) + "\n\n")
+        log.write(f"# started {datetime.now().isoformat(timespec='milliseconds')}\n{' '.join(cmd)}\n\n")
         log.flush()
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
     if code != 0:
