@@ -233,8 +233,14 @@ def test_quickstart_grid_is_run_results_heatmap_diffguard_frozen_encoder(tmp_pat
     assert limited["test_limit"] == 300 and [s["limit"] for s in limited["ood_sets"]] == [100] * 7
 
 
-@pytest.mark.parametrize("methods, count", [(["heatmap"], 12), (["diffguard"], 5), (["classifier"], 6)])
-def test_selecting_methods_keeps_what_they_need(tmp_path, methods, count):
+@pytest.mark.parametrize(
+    "methods, benchmarks, seeds, count",
+    [(["heatmap"], None, None, 12), (["diffguard"], None, None, 5), (["classifier"], None, None, 6),
+     (["heatmap", "diffguard"], ["fashionmnist_openset"], [0], 4), (None, None, [2], 4)],
+)  # fmt: skip
+def test_selecting_runs_keeps_what_they_need(tmp_path, methods, benchmarks, seeds, count):
     from lightning_ood.grid.spec import select
 
-    assert len(select(_grid("quickstart_seeds.yaml", tmp_path), methods)) == count
+    assert len(select(_grid("quickstart_seeds.yaml", tmp_path), methods, benchmarks, seeds)) == count
+    with pytest.raises(ValueError, match="--seeds \\[7\\]: not in the grid"):
+        select(_grid("quickstart_seeds.yaml", tmp_path), seeds=[7])

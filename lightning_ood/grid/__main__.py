@@ -4,6 +4,8 @@
     python -m lightning_ood.grid configs/grids/reference.yaml --parallel 8 --gpus-per-job 1 --set accelerator=gpu
     python -m lightning_ood.grid configs/grids/ssod_sweep.yaml --executor slurm --partition gpu --gpus-per-job 1
     python -m lightning_ood.grid configs/grids/quickstart_seeds.yaml --methods heatmap   # and what it needs
+    python -m lightning_ood.grid configs/grids/quickstart_seeds.yaml --methods heatmap --benchmarks fashionmnist \
+        --seeds 0 --out results/heatmap_2epochs --set heatmap_epochs=2 heatmap_train_fraction=1.0
 
 Resumable: a run whose result exists is skipped, a run cut short starts again from a clean directory. Each run
 writes ``<run dir>/run.log`` and ``<run dir>/wall_s``; submitit's own files go to ``<out>/.submitit/``. The
@@ -55,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> Summary | None:
     parser.add_argument("--out", type=Path, help="root of the run directories (default: the grid's `out`)")
     parser.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE", help="replace grid variables")
     parser.add_argument("--methods", nargs="+", help="only these methods (and the runs they depend on)")
+    parser.add_argument("--benchmarks", nargs="+", help="only these benchmarks (and the runs they depend on)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds (and the runs they depend on)")
     parser.add_argument(
         "--dry-run", action="store_true", help="print the runs and their commands, run nothing"
     )
@@ -67,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> Summary | None:
     args = parser.parse_args(argv)
     try:
         root, jobs = load_grid(args.grid, _pairs(args.set), args.out)
-        jobs = select(jobs, args.methods)
+        jobs = select(jobs, args.methods, args.benchmarks, args.seeds)
     except ValueError as err:
         raise SystemExit(f"{args.grid}: {err}") from err
     if args.dry_run:

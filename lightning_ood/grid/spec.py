@@ -256,17 +256,31 @@ def _ordered(jobs: Mapping[str, Job]) -> list[Job]:
     return out
 
 
-def select(jobs: Sequence[Job], methods: Sequence[str] | None) -> list[Job]:
-    """The jobs of ``methods`` (all when ``None``) and every run they depend on, in ``jobs``' order."""
-    if not methods:
-        return list(jobs)
-    known = {j.method for j in jobs}
-    missing = sorted(set(methods) - known)
-    if missing:
-        raise ValueError(f"--methods {missing}: not in the grid, whose methods are {sorted(known)}")
+def select(
+    jobs: Sequence[Job],
+    methods: Sequence[str] | None = None,
+    benchmarks: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> list[Job]:
+    """The jobs of ``methods`` / ``benchmarks`` / ``seeds`` (``None``: all) and every run they depend on, in
+    ``jobs``' order."""
+    for name, wanted, known in (
+        ("--methods", methods, {j.method for j in jobs}),
+        ("--benchmarks", benchmarks, {j.benchmark for j in jobs}),
+        ("--seeds", seeds, {j.seed for j in jobs}),
+    ):
+        missing = sorted(set(wanted or ()) - known, key=str)
+        if missing:
+            raise ValueError(f"{name} {missing}: not in the grid, which has {sorted(known, key=str)}")
     by_name = {j.name: j for j in jobs}
     keep: set[str] = set()
-    stack = [j.name for j in jobs if j.method in methods]
+    stack = [
+        j.name
+        for j in jobs
+        if (not methods or j.method in methods)
+        and (not benchmarks or j.benchmark in benchmarks)
+        and (not seeds or j.seed in seeds)
+    ]
     while stack:
         name = stack.pop()
         if name not in keep:
