@@ -44,7 +44,7 @@ def tiny_grid(tmp_path: Path) -> Path:
                 "entry": "evaluate", "seeds": [0], "needs": {"clf": "classifier"},
                 "args": [*TINY, "--ckpt_path={clf}", *FAST],
             },
-            "broken": {"seeds": [0], "args": [*TINY, "--model.init_args.no_such_argument=1"]},
+            "broken": {"seeds": [0], "args": ["--config", "configs/no_such_config.yaml"]},
             "finished": {"seeds": [0], "args": [*TINY]},
             "after_broken": {"seeds": [0], "needs": {"up": "broken"}, "args": ["--ckpt_path={up}"]},
         },
@@ -78,7 +78,7 @@ def test_tiny_grid_on_two_local_processes_with_a_failure_and_resume(tmp_path, ca
     log = out / "broken" / "seed0" / "run.log"
     assert f"FAILED  digits/broken/seed0: digits/broken/seed0 exited with code 2; see {log}" in summary
     assert "BLOCKED digits/after_broken/seed0: upstream digits/broken/seed0 did not finish" in summary
-    assert "no_such_argument" in log.read_text() and not (out / "after_broken" / "seed0").exists()
+    assert "config files not found" in log.read_text() and not (out / "after_broken" / "seed0").exists()
     assert (finished / "ood_results.json").read_text() == "{}" and not (finished / "run.log").exists()
     assert not (clf[1] / "stale.txt").exists()
     for d in (*clf, out / "retest" / "seed0"):

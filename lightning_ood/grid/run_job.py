@@ -18,8 +18,18 @@ from pathlib import Path
 
 import yaml
 
-from lightning_ood.callbacks.results import atomic_write
 from lightning_ood.grid.spec import CHECKPOINT_GLOB, Job
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename (a crash never leaves a half-written file that looks done).
+
+    The same as ``lightning_ood.callbacks.results.atomic_write``, kept here because importing that package
+    loads Lightning and torch: seconds of CPU in every grid worker, which only starts a child process.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 class RunFailed(RuntimeError):
