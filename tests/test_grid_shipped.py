@@ -244,3 +244,15 @@ def test_selecting_runs_keeps_what_they_need(tmp_path, methods, benchmarks, seed
     assert len(select(_grid("quickstart_seeds.yaml", tmp_path), methods, benchmarks, seeds)) == count
     with pytest.raises(ValueError, match="--seeds \\[7\\]: not in the grid"):
         select(_grid("quickstart_seeds.yaml", tmp_path), seeds=[7])
+
+
+@pytest.mark.parametrize("name", ["reference.yaml", "ssod_sweep.yaml", "quickstart_seeds.yaml"])
+def test_shipped_grids_name_existing_configs(tmp_path, name, monkeypatch):
+    from lightning_ood.grid.launch import missing_configs
+
+    monkeypatch.chdir(ROOT)
+    for job in _grid(name, tmp_path):
+        missing = [m for m in missing_configs(list(job.args)) if str(job.directory) not in m]
+        assert not missing, job.name
+        if job.limited_data:
+            assert Path(job.limited_data["config"]).is_file()

@@ -64,21 +64,26 @@ def run_local(
     waiting = [j for j in jobs if not _skip(j, summary)]
     finished = set(summary.skipped)
     running: dict[str, Any] = {}
-    while waiting or running:
-        for job in list(waiting):
-            bad = [u for u in job.upstream if u in summary.failed or u in summary.blocked]
-            if bad:
-                summary.blocked[job.name] = f"upstream {bad[0]} did not finish"
-                waiting.remove(job)
-            elif len(running) < parallel and all(u in finished for u in job.upstream):
-                running[job.name] = executor.submit(run_job, job)
-                waiting.remove(job)
-        for name, sub in list(running.items()):
-            if sub.done():
-                del running[name]
-                _collect(name, sub, summary, finished)
-        if running:
-            time.sleep(poll_s)
+    try:
+        while waiting or running:
+            for job in list(waiting):
+                bad = [u for u in job.upstream if u in summary.failed or u in summary.blocked]
+                if bad:
+                    summary.blocked[job.name] = f"upstream {bad[0]} did not finish"
+                    waiting.remove(job)
+                elif len(running) < parallel and all(u in finished for u in job.upstream):
+                    running[job.name] = executor.submit(run_job, job)
+                    waiting.remove(job)
+            for name, sub in list(running.items()):
+                if sub.done():
+                    del running[name]
+                    _collect(name, sub, summary, finished)
+            if running:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        for sub in running.values():  # submitit's local jobs outlive this process unless cancelled
+            sub.cancel(check=False)
+        raise
     return summary
 
 
@@ -111,7 +116,9 @@ def submit_slurm(
 ) -> Summary:
     """Submit every unfinished run to SLURM, dependents with ``afterok`` on their upstream runs' job ids."""
     executor = submitit.SlurmExecutor(folder=folder)
-    params: dict[str, Any] = {"partition": partition, "time": int(timeout_min), "gpus_per_node": gpus_per_job}
+    params: dict[str, Any] = {"partition": partition, "time": int(timeout_min)}
+    if gpus_per_job:
+        params["gpus_per_node"] = gpus_per_job
     if cpus_per_job:
         params["cpus_per_task"] = cpus_per_job
     summary = Summary()
