@@ -1,4 +1,4 @@
-"""``seeds``: the runs of one configuration (its seeds), selected scores, mean ± std per group and per OOD set.
+r"""``seeds``: the runs of one configuration (its seeds), selected scores, mean ± std per group and per OOD set.
 
     python -m lightning_ood.compare seeds 'results/quickstart/fashionmnist/classifier/seed*' --title "..."
     python -m lightning_ood.compare seeds 'results/quickstart/fashionmnist/heatmap/seed*' \

@@ -1,4 +1,4 @@
-"""``sweep``: one row per setting of an override sweep, the setting chosen on a validation metric only.
+r"""``sweep``: one row per setting of an override sweep, the setting chosen on a validation metric only.
 
     python -m lightning_ood.compare sweep 'results/ssod/sweep/*' results/ssod/compare/fashionmnist_openset/ssod/seed0 \
         --vary model.init_args.gamma model.init_args.alpha --scores ssod msp --title "..."

@@ -1,11 +1,11 @@
-"""Run an experiment grid: ``python -m lightning_ood.grid configs/grids/reference.yaml [options]``.
+r"""Run an experiment grid: ``python -m lightning_ood.grid configs/grids/reference.yaml [options]``.
 
     python -m lightning_ood.grid configs/grids/reference.yaml --dry-run           # the runs, nothing started
     python -m lightning_ood.grid configs/grids/reference.yaml --parallel 8 --gpus-per-job 1 --set accelerator=gpu
     python -m lightning_ood.grid configs/grids/ssod_sweep.yaml --executor slurm --partition gpu --gpus-per-job 1
     python -m lightning_ood.grid configs/grids/quickstart_seeds.yaml --methods heatmap   # and what it needs
-    python -m lightning_ood.grid configs/grids/quickstart_seeds.yaml --methods heatmap --benchmarks fashionmnist \
-        --seeds 0 --out results/heatmap_2epochs --set heatmap_epochs=2 heatmap_train_fraction=1.0
+    python -m lightning_ood.grid configs/grids/quickstart_seeds.yaml --methods heatmap --seeds 0 --out other \
+        --set heatmap_epochs=2                                                   # a variant, in another folder
 
 Resumable: a run whose result exists is skipped, a run cut short starts again from a clean directory. Each run
 writes ``<run dir>/run.log`` and ``<run dir>/wall_s``; submitit's own files go to ``<out>/.submitit/``. The
