@@ -142,8 +142,10 @@ def test_slurm_submission_chains_runs_with_afterok(tmp_path, capsys, monkeypatch
         ({"a": {"needs": {"x": "b"}, "args": ["{x}"]}}, "needs method 'b', which the grid does not define"),
         ({"a": {"needs": {"x": "b"}, "args": ["{x}"]}, "b": {"needs": {"y": "a"}, "args": ["{y}"]}}, "cycle"),
         ({"a": {"run_dir": "x"}, "b": {"run_dir": "x/{seed}"}}, "lies inside run directory"),
-        ({"a": {"run_dir": "same"}, "b": {"run_dir": "same"}}, "also another run's"),
+        ({"a": {"run_dir": "same"}, "b": {"run_dir": "same"}}, "is the run directory of two runs"),
         ({"a": {"needs": {"x": "b"}, "args": []}, "b": {}}, "no argument uses \\{x\\}"),
+        ({"a": {"run_dir": "{gamma}"}}, "run_dir '\\{gamma\\}' has unknown placeholders"),
+        ({"a": {"benchmarks": []}}, "has no benchmarks or no seeds"),
     ],
 )
 def test_bad_grids_are_named(tmp_path, methods, message):

@@ -127,55 +127,57 @@ def expand(grid: Mapping[str, Any], variables: Mapping[str, Any], root: Path) ->
     """Every (method, benchmark, seed, sweep point) of ``grid`` as a :class:`Job`, upstream runs first."""
     jobs: dict[str, Job] = {}
     for method, spec in grid["methods"].items():
-        spec = spec or {}
-        unknown = set(spec) - METHOD_KEYS
-        if unknown:
-            raise ValueError(
-                f"method {method!r}: unknown keys {sorted(unknown)}; known: {sorted(METHOD_KEYS)}"
-            )
-        entry = spec.get("entry", "train")
-        if entry not in ENTRIES:
-            raise ValueError(f"method {method!r}: entry must be one of {ENTRIES}, got {entry!r}")
-        done = spec.get("done", "results")
-        if done not in ("results", "checkpoint"):
-            raise ValueError(f"method {method!r}: done must be 'results' or 'checkpoint', got {done!r}")
-        sweep = dict(spec.get("sweep") or {})
-        points = [dict(zip(sweep, values, strict=True)) for values in itertools.product(*sweep.values())]
-        excluded = [dict(e) for e in _as_list(spec.get("exclude"), f"{method}.exclude")]
-        points = [p for p in points if not any(_matches(p, e) for e in excluded)]
-        pattern = spec.get("run_dir", grid.get("run_dir", "{benchmark}/{method}/seed{seed}"))
-        benchmarks = _as_list(spec.get("benchmarks", grid.get("benchmarks")), f"{method}.benchmarks")
-        seeds = _as_list(spec.get("seeds", grid.get("seeds", [0])), f"{method}.seeds")
-        for bench, seed, point in itertools.product(benchmarks, seeds, points):
-            values = {**variables, "method": method, "benchmark": bench, "seed": seed, **point}
-            where = f"method {method!r} ({bench}, seed {seed})"
-            rel = _fill(pattern, values, where)
-            directory = root / rel
-            values["dir"] = directory
-            limited = spec.get("limited_data")
-            if limited is not None:
-                limited = {k: _fill(str(v), values, where) for k, v in dict(limited).items()}
-                values["data"] = directory / "data.yaml"
-            args = [*spec.get("args", []), *(spec.get("benchmark_args") or {}).get(bench, [])]
-            args += _as_list(grid.get("common_args"), "common_args")
-            if done == "results":
-                args += _as_list(grid.get("eval_args"), "eval_args")
-            name = rel
-            if name in jobs:
-                raise ValueError(f"{where}: run directory {rel!r} is also another run's; make run_dir unique")
-            jobs[name] = Job(
-                name=name,
-                method=method,
-                benchmark=bench,
-                seed=int(seed),
-                directory=directory,
-                entry=entry,
-                args=tuple(_fill(str(a), values, where) for a in args),
-                done=done,
-                limited_data=limited,
-                upstream=tuple(f"{k}={v}" for k, v in (spec.get("needs") or {}).items()),
-            )
+        for job in _method_jobs(method, spec or {}, grid, variables, root):
+            if job.name in jobs:
+                raise ValueError(f"{job.name!r} is the run directory of two runs; make run_dir unique")
+            jobs[job.name] = job
     return _link(list(jobs.values()))
+
+
+def _method_jobs(
+    method: str, spec: Mapping[str, Any], grid: Mapping[str, Any], variables: Mapping[str, Any], root: Path
+) -> list[Job]:
+    """The runs of one method: its benchmarks x seeds x sweep points (less ``exclude``)."""
+    unknown = set(spec) - METHOD_KEYS
+    if unknown:
+        raise ValueError(f"method {method!r}: unknown keys {sorted(unknown)}; known: {sorted(METHOD_KEYS)}")
+    entry, done = spec.get("entry", "train"), spec.get("done", "results")
+    if entry not in ENTRIES:
+        raise ValueError(f"method {method!r}: entry must be one of {ENTRIES}, got {entry!r}")
+    if done not in ("results", "checkpoint"):
+        raise ValueError(f"method {method!r}: done must be 'results' or 'checkpoint', got {done!r}")
+    sweep = dict(spec.get("sweep") or {})
+    points = [dict(zip(sweep, values, strict=True)) for values in itertools.product(*sweep.values())]
+    excluded = [dict(e) for e in _as_list(spec.get("exclude"), f"{method}.exclude")]
+    points = [p for p in points if not any(_matches(p, e) for e in excluded)]
+    pattern = spec.get("run_dir", grid.get("run_dir", "{benchmark}/{method}/seed{seed}"))
+    benchmarks = _as_list(spec.get("benchmarks", grid.get("benchmarks")), f"{method}.benchmarks")
+    seeds = _as_list(spec.get("seeds", grid.get("seeds", [0])), f"{method}.seeds")
+    if not benchmarks or not seeds:
+        raise ValueError(
+            f"method {method!r} has no benchmarks or no seeds: set them in the grid or the method"
+        )
+    shared = [*_as_list(grid.get("common_args"), "common_args")]
+    shared += _as_list(grid.get("eval_args"), "eval_args") if done == "results" else []
+    out = []
+    for bench, seed, point in itertools.product(benchmarks, seeds, points):
+        values = {**variables, "method": method, "benchmark": bench, "seed": seed, **point}
+        where = f"method {method!r} ({bench}, seed {seed})"
+        rel = _fill(pattern, values, where)
+        if PLACEHOLDER.search(rel):
+            raise ValueError(f"{where}: run_dir {pattern!r} has unknown placeholders: {rel!r}")
+        values["dir"] = root / rel
+        limited = spec.get("limited_data")
+        if limited is not None:
+            limited = {k: _fill(str(v), values, where) for k, v in dict(limited).items()}
+            values["data"] = root / rel / "data.yaml"
+        args = [*spec.get("args", []), *(spec.get("benchmark_args") or {}).get(bench, []), *shared]
+        out.append(
+            Job(name=rel, method=method, benchmark=bench, seed=int(seed), directory=root / rel, entry=entry,
+                args=tuple(_fill(str(a), values, where) for a in args), done=done, limited_data=limited,
+                upstream=tuple(f"{k}={v}" for k, v in (spec.get("needs") or {}).items()))
+        )  # fmt: skip
+    return out
 
 
 def _matches(point: Mapping[str, Any], exclude: Mapping[str, Any]) -> bool:
