@@ -1,10 +1,11 @@
-"""Wall time per method and benchmark of what ``benchmarks/run_reference.sh`` has finished (docs/results.md).
+"""Wall time per method and benchmark of what ``configs/grids/reference.yaml`` has finished (docs/results.md).
 
     python benchmarks/reference_walltimes.py results/reference
 
-Reads ``<root>/<benchmark>/<method>/seed<k>/wall_s`` (and ``<root>/<benchmark>/diffusion/wall_s``): seconds from
-the start of ``train.py`` / ``evaluate.py`` to its end (training, the detector fit and the OOD evaluation), and
-prints one Markdown row per (benchmark, method): runs, mean and range in minutes.
+Reads ``<root>/<benchmark>/<method>/seed<k>/wall_s`` (and ``<root>/<benchmark>/diffusion/wall_s``), which
+``python -m lightning_ood.grid`` writes: seconds from the start of the run's ``train.py`` / ``evaluate.py``
+process to its end (training, the detector fit and the OOD evaluation). Prints one Markdown row per
+(benchmark, method): runs, mean and range in minutes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def wall_times(root: Path) -> dict[tuple[str, str], list[float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", type=Path, help="OUT of benchmarks/run_reference.sh")
+    parser.add_argument("root", type=Path, help="the grid's out (default there: results/reference)")
     args = parser.parse_args()
     times = wall_times(args.root)
     if not times:

@@ -12,6 +12,9 @@ root and loader settings) are refused, naming the setting and the values: their 
 
 Writes ``comparison.md``, ``comparison.csv`` (mean and std in separate columns) and ``comparison.png``
 (AUROC vs FPR95 on the ``all`` group, one point per method and detector, error bars = std over seeds).
+
+Other table kinds (``seeds``, ``headline``, ``attack``, ``sweep``, ``moved``): ``python -m lightning_ood.compare
+<kind> --help`` (lightning_ood/compare_tables).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import csv
 import glob
 import io
 import statistics
+import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +34,8 @@ from typing import Any
 import yaml
 
 from lightning_ood.callbacks.results import atomic_write, read_results
+from lightning_ood.compare_tables import KINDS as TABLE_KINDS
+from lightning_ood.compare_tables import main as table_kind
 from lightning_ood.contract import MEAN_GROUPS
 
 #: Data settings that may differ between the runs of a group (they do not change which images are used).
@@ -219,6 +225,10 @@ def plot(records: Sequence[Mapping[str, Any]], path: Path, fpr_key: str = "fpr95
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TABLE_KINDS:  # the other table kinds live in compare_tables
+        table_kind(argv)
+        return []
     parser = argparse.ArgumentParser(
         prog="python -m lightning_ood.compare",
         description=__doc__,

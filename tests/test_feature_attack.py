@@ -4,8 +4,6 @@ and seeded, and its attacked sets join the evaluation with and without the targe
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import MagicMock
@@ -21,6 +19,7 @@ from torch import nn
 
 from lightning_ood.attacks import AttackedSets, FeatureMatchingAttack, KNNWithoutTargets, smoothness
 from lightning_ood.cli import evaluate
+from lightning_ood.compare_tables import render
 from lightning_ood.data import IDSetSpec, OODDataModule
 from lightning_ood.data.datasets import OODSetSpec
 from lightning_ood.detectors import KNN, DetectorInputs
@@ -155,10 +154,7 @@ def test_shipped_attack_config_scores_clean_and_attacked_sets(tmp_path, classifi
     assert len(pngs) == 3 and (tmp_path / "attacked" / "faces_smooth" / "attack.json").is_file()
     out = eval_callback(cli).output_path
     assert (out / "plots" / "attack_faces_patchy.png").is_file()
-    table = subprocess.run(
-        [sys.executable, "benchmarks/attack_table.py", str(out / "ood_results.json")],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+    table = render(["attack", str(out)])  # python -m lightning_ood.compare attack <run>
     assert "| score | clean | smooth | patchy |" in table and "| knn_without_targets | " in table
     assert "| digits | patchy | " in table
 

@@ -1,22 +1,21 @@
-"""AUROC on clean vs attacked OOD images, from the ``ood_results.json`` of an attack run (docs/frozen_encoders.md).
+"""``attack``: AUROC on clean vs attacked OOD images, from one attack run (docs/frozen_encoders.md).
 
-    python benchmarks/attack_table.py results/frozen_encoder/attack/ood_results.json
+    python -m lightning_ood.compare attack results/quickstart/fashionmnist/attack/seed0
 
 Rows: scores (``knn`` has the attack targets in its bank, ``knn_without_targets`` not); columns: for each
-attacked set the AUROC of ``<set>_clean`` and of each attacked variant (``<set>_smooth``, ``<set>_patchy``), then
-the means over the attacked sets. Values in %.
+attacked set the AUROC of ``<set>_clean`` and of each attacked variant (``<set>_smooth``, ``<set>_patchy``),
+then the means over the attacked sets. Values in %.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
-from lightning_ood.callbacks.results import read_results
+from lightning_ood.compare import Run
+from lightning_ood.compare_tables.common import Rows
 
 
-def attack_table(rows: list[dict]) -> str:
+def attack_rows(rows: Rows) -> str:
     """Two Markdown tables of AUROC (%): per score the means over the attacked sets of each variant, then per
     attacked set and variant every score."""
     auroc = {(r["detector"], r["set"]): 100 * r["auroc"] for r in rows if r["kind"] == "set"}
@@ -24,7 +23,7 @@ def attack_table(rows: list[dict]) -> str:
     scores = list(dict.fromkeys(d for d, _ in auroc))
     sets = [s.removesuffix("_clean") for s in names if s.endswith("_clean")]
     if not sets:
-        raise SystemExit("no attacked sets (<set>_clean) in the results")
+        raise SystemExit("no attacked sets (<set>_clean) in the results: pass an attack run")
     suffixes = (s.removeprefix(f"{base}_") for base in sets for s in names if s.startswith(f"{base}_"))
     variants = list(dict.fromkeys(["clean", *suffixes]))
     lines = [f"Means over the {len(sets)} attacked sets ({', '.join(sets)}).", ""]
@@ -41,16 +40,6 @@ def attack_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("file", type=Path)
-    args = parser.parse_args()
-    run, rows = read_results(args.file)
-    print(f"#### Feature-matching attack ({run.get('backbone', '')}), AUROC % clean vs attacked\n")
-    print(attack_table(rows))
-
-
-if __name__ == "__main__":
-    main()
+def attack_table(run: Run) -> str:
+    title = f"#### Feature-matching attack ({run.info.get('backbone', '')}), AUROC % clean vs attacked\n"
+    return title + "\n" + attack_rows(run.rows) + "\n"
