@@ -184,6 +184,37 @@ class OODCLI(LightningCLI):
                 default=None,
                 help="CSV to write (default: <images>/ood_scores.csv).",
             )
+            parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing CSV.")
+            parser.add_argument(
+                "--skip_unreadable",
+                type=bool,
+                default=False,
+                help="Leave out (with a warning) image files that cannot be decoded, instead of failing.",
+            )
+            parser.add_argument(
+                "--log_run",
+                type=bool,
+                default=False,
+                help="Log this scoring to the configured logger (a W&B run with job_type=score); off: no logging.",
+            )
+            parser.add_argument(
+                "--threshold_score",
+                type=str | None,
+                default=None,
+                help="The score is_ood thresholds (default: the first score, e.g. msp).",
+            )
+            parser.add_argument(
+                "--id_recall",
+                type=float,
+                default=0.95,
+                help="is_ood threshold: the fraction of ID validation images kept as ID.",
+            )
+            parser.add_argument(
+                "--threshold",
+                type=float | None,
+                default=None,
+                help="is_ood threshold as a score value (instead of choosing it at --id_recall).",
+            )
 
     def instantiate_classes(self) -> None:
         """Instantiate, but report a bad setting with our own one-line messages, not the parser's nested union
@@ -222,6 +253,8 @@ class OODCLI(LightningCLI):
         """``checkpoint.monitor: auto`` / ``checkpoint.mode: auto`` -> what the configured method declares; a run
         without a logger (and without ``trainer.default_root_dir``) gets a fresh folder under ``logs/``."""
         config = self.config
+        if self.entry == "score" and not config.log_run:
+            config.trainer.logger = False
         if not config.trainer.logger and config.trainer.default_root_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             config.trainer.default_root_dir = f"{NO_LOGGER_ROOT}/run-{stamp}-{secrets.token_hex(3)}"
