@@ -4,7 +4,10 @@ from an installed wheel without a second copy of the configs in git. Everything 
 
 from setuptools import find_namespace_packages, find_packages, setup
 
-configs = ["lightning_ood.configs", *(f"lightning_ood.configs.{p}" for p in find_namespace_packages(where="configs"))]
+configs = [
+    "lightning_ood.configs",
+    *(f"lightning_ood.configs.{p}" for p in find_namespace_packages(where="configs")),
+]
 
 setup(
     packages=[*find_packages(include=["lightning_ood", "lightning_ood.*"]), *configs],

@@ -15,7 +15,7 @@ def test_no_network_and_no_cache_says_what_to_use_instead(tmp_path, monkeypatch)
         OSError, match=r"^no network: .*timm model 'resnet18'.*pretrained: false and weights_path"
     ):
         create_timm_model("resnet18", num_classes=10, in_chans=3, pretrained=True)
-    assert huggingface_hub.constants.HF_HUB_OFFLINE == before  # the hub's offline mode was only borrowed
+    assert before == huggingface_hub.constants.HF_HUB_OFFLINE  # the hub's offline mode was only borrowed
 
 
 def test_reachability_probe(monkeypatch):
