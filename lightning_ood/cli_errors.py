@@ -8,6 +8,7 @@ import importlib
 import inspect
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,10 +127,12 @@ def check_checkpoint(model: LightningModule, ckpt_path: str) -> int | None:
     compared with the model's; on a mismatch the error names the hyperparameters that differ between the
     checkpoint (``hyper_parameters``) and the config, else the first mismatched tensors.
     """
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", mmap=True, weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist") from None
+    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be memory-mapped
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     state = ckpt.get("state_dict", {})
     mine = model.state_dict()
     shapes = [
