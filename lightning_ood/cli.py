@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_ood.callbacks.detector_search import DetectorSearch
 from lightning_ood.callbacks.ood_evaluation import OODEvaluation
 from lightning_ood.callbacks.run_dir import run_dir
-from lightning_ood.cli_errors import check_checkpoint, explain_parse_error
+from lightning_ood.cli_errors import MOVED_OPTIONS, check_checkpoint, explain_parse_error, moved_option_error
 from lightning_ood.data import OODDataModule
 from lightning_ood.methods.base import OODMethod
 from lightning_ood.run_info import RunFacts, environment_versions, global_seed, run_name, run_summary
@@ -45,6 +45,7 @@ ENTRY_ONLY_KEYS = (
     "threshold_score",
     "id_recall",
     "threshold",
+    *MOVED_OPTIONS,
 )
 #: W&B ``job_type`` of each entry point.
 JOB_TYPES = {"train": "train", "evaluate": "evaluate", "score": "score"}
@@ -149,6 +150,12 @@ class OODCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.in_chans", apply_on="instantiate")
+        for (
+            name
+        ) in MOVED_OPTIONS:  # accepted as null only (configs saved by 0.1 have them); see before_instantiate
+            parser.add_argument(
+                f"--{name}", type=Any, default=None, help=f"Not used: set --{MOVED_OPTIONS[name]}."
+            )
         parser.add_lightning_class_args(OODEvaluation, "ood_eval")
         parser.add_lightning_class_args(DetectorSearch, "detector_search")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -253,6 +260,9 @@ class OODCLI(LightningCLI):
         """``checkpoint.monitor: auto`` / ``checkpoint.mode: auto`` -> what the configured method declares; a run
         without a logger (and without ``trainer.default_root_dir``) gets a fresh folder under ``logs/``."""
         config = self.config
+        for name in MOVED_OPTIONS:
+            if config.get(name) is not None:
+                raise ValueError(moved_option_error(name))
         if self.entry == "score" and not config.log_run:
             config.trainer.logger = False
         if not config.trainer.logger and config.trainer.default_root_dir is None:

@@ -23,11 +23,21 @@ _UNRECOGNIZED = re.compile(r"Unrecognized arguments: (.*)", re.IGNORECASE)
 _KEY = re.compile(r'^Parser key "([\w.]+)"')
 #: Hyperparameters that do not shape a checkpoint's weights (a difference is not a mismatch).
 _NOT_STRUCTURAL = frozenset({"detectors", "detector_cache", "optimizer", "scheduler", "scheduler_interval"})
-#: Top-level options that a user may reach for, and where the setting lives instead.
-_MOVED = {
+#: LightningCLI's top-level optimiser options, and where the setting lives instead: given, they would silently
+#: replace the model's configured optimiser and schedule. Only ``null`` is accepted (configs saved by 0.1).
+MOVED_OPTIONS = {
     "optimizer": "model.init_args.optimizer",
     "lr_scheduler": "model.init_args.scheduler",
 }
+
+
+def moved_option_error(name: str) -> str:
+    """Why the top-level ``name`` (``optimizer`` / ``lr_scheduler``) is refused, and what to set instead."""
+    return (
+        f"--{name} is not an option: the optimiser and its schedule are the model's settings, set "
+        f"--{MOVED_OPTIONS[name]} (a top-level --{name} would silently replace the configured optimiser and "
+        "schedule)"
+    )
 
 
 def _nearest(word: str, candidates: Iterable[str], n: int = 3, listed: int = 0) -> str:
@@ -102,11 +112,8 @@ def explain_parse_error(message: str, parser: Any = None) -> str:
 def _unknown_option(token: str, parser: Any) -> str:
     option = token.partition("=")[0]
     name = option.lstrip("-")
-    if name in _MOVED:
-        return (
-            f"unknown option {option}: the optimiser and its schedule are the model's settings, set "
-            f"--{_MOVED[name]} (a top-level {option} would silently replace the configured optimiser and schedule)"
-        )
+    if name in MOVED_OPTIONS:
+        return moved_option_error(name)
     known = [s for action in getattr(parser, "_actions", []) for s in action.option_strings]
     return f"unknown option {option}{_nearest(option, known)}"
 

@@ -35,9 +35,15 @@ def test_unknown_detector_class_and_key_name_the_nearest(capsys):
     assert "Classifier has no option 'no_such_option'; valid: backbone," in err
 
 
-def test_top_level_optimizer_is_refused_with_the_reason(capsys):
-    err = _error(capsys, "--optimizer=Adam")
-    assert "--model.init_args.optimizer" in err and "replace the configured optimiser and schedule" in err
+def test_top_level_optimizer_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"set --model.init_args.optimizer .*replace the configured optimiser"
+    ):
+        OODCLI(args=[*TINY, "--trainer.logger=false", "--optimizer=Adam"])
+    # a config saved by 0.1 holds `optimizer: null` and `lr_scheduler: null`: still accepted
+    old = tmp_path / "config.yaml"
+    old.write_text("optimizer: null\nlr_scheduler: null\n")
+    assert OODCLI(args=["--config", str(old), *TINY, "--trainer.logger=false"]).config.optimizer is None
 
 
 def test_without_a_logger_each_run_gets_its_own_folder_under_logs():
