@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 _USAGE = __doc__.split("\n\n")[1]
 
 
-def _commands() -> dict[str, Callable[[None], object]]:
+def _commands() -> dict[str, Callable[[list[str]], object]]:
     from lightning_ood import compare, score
     from lightning_ood.cli import evaluate, train
 
@@ -25,7 +25,11 @@ def _commands() -> dict[str, Callable[[None], object]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run ``argv[0]`` (``fit`` / ``test`` / ``score`` / ``compare``) with the remaining arguments."""
+    """Run ``argv[0]`` (``fit`` / ``test`` / ``score`` / ``compare``) with the remaining arguments.
+
+    The LightningCLI programs drop their own command word (``fit`` / ``test`` / ``score``), so under DDP the
+    processes Lightning starts from this command line run the same command.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     names = ("fit", "test", "score", "compare")
     if not args or args[0] in ("-h", "--help"):
@@ -34,13 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[0] not in names:
         print(f"error: unknown command {args[0]!r}: use one of {', '.join(names)}", file=sys.stderr)
         raise SystemExit(2)
-    saved = sys.argv
-    # The programs read their arguments from sys.argv (as when run as scripts); --help names the command.
-    sys.argv = [f"lightning-ood {args[0]}", *args[1:]]
-    try:
-        _commands()[args[0]](None)
-    finally:
-        sys.argv = saved
+    _commands()[args[0]](args if args[0] != "compare" else args[1:])
 
 
 if __name__ == "__main__":

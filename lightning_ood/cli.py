@@ -6,6 +6,7 @@ import importlib
 import secrets
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,20 +128,23 @@ class OODCLI(LightningCLI):
         self.entry = entry
         kwargs.setdefault("trainer_defaults", {"logger": DEFAULT_LOGGER})
         try:
-            super().__init__(
-                OODMethod,
-                OODDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                save_config_callback=LoggerSaveConfigCallback,
-                save_config_kwargs={"overwrite": True},
-                parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "exit_on_error": False},
-                seed_everything_default=0,
-                auto_configure_optimizers=False,
-                run=False,
-                args=_prepare_args(args, entry),
-                **kwargs,
-            )
+            with warnings.catch_warnings():
+                # The command line is handed over as `args` (rewritten by _prepare_args), not a second set of them.
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+                super().__init__(
+                    OODMethod,
+                    OODDataModule,
+                    subclass_mode_model=True,
+                    subclass_mode_data=True,
+                    save_config_callback=LoggerSaveConfigCallback,
+                    save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False, "exit_on_error": False},
+                    seed_everything_default=0,
+                    auto_configure_optimizers=False,
+                    run=False,
+                    args=_prepare_args(args, entry),
+                    **kwargs,
+                )
         except ArgumentError as err:
             print(f"error: {explain_parse_error(str(err), self.parser)}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -150,9 +154,8 @@ class OODCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.in_chans", apply_on="instantiate")
-        for (
-            name
-        ) in MOVED_OPTIONS:  # accepted as null only (configs saved by 0.1 have them); see before_instantiate
+        # accepted as null only (configs saved by 0.1 have them); see before_instantiate_classes
+        for name in MOVED_OPTIONS:
             parser.add_argument(
                 f"--{name}", type=Any, default=None, help=f"Not used: set --{MOVED_OPTIONS[name]}."
             )
@@ -291,18 +294,14 @@ def _own_reasons(message: str) -> list[str]:
     return list(dict.fromkeys(x for x in lines if x and not x.startswith(_PARSER_LINES)))
 
 
-def _prepare_args(args: Sequence[str] | None, entry: str) -> list[str] | None:
-    """Drop a leading subcommand word (``train.py fit ...``, ``evaluate.py test ...``) and point ``.yaml``
-    arguments that are not files at the shipped configs. Command-line arguments are rewritten in place, so
-    LightningCLI still reads them from ``sys.argv``."""
+def _prepare_args(args: Sequence[str] | None, entry: str) -> list[str]:
+    """``args`` (default: the command line) without a leading subcommand word (``train.py fit ...``,
+    ``lightning-ood test ...``) and with ``.yaml`` arguments that are not files pointed at the shipped configs.
+    ``sys.argv`` is left as it is: Lightning's DDP launcher starts the other processes from it."""
     given = list(sys.argv[1:] if args is None else args)
     if given and given[0] == {"train": "fit", "evaluate": "test", "score": "score"}[entry]:
         given = given[1:]
-    given = resolve_config_args(given)
-    if args is None:
-        sys.argv[1:] = given
-        return None
-    return given
+    return resolve_config_args(given)
 
 
 def train(args: Sequence[str] | None = None) -> OODCLI:
