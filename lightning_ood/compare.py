@@ -10,6 +10,12 @@ and by every model or training-budget setting that differs between runs of that 
 not split groups. Runs of one group whose *data* configurations differ (other than the split seed, the data
 root and loader settings) are refused, naming the setting and the values: their numbers are not comparable.
 
+A detector's settings are part of its identity: when runs of a group evaluated detectors of one name with
+other hyperparameters, each setting gets its own row (``knn(k=1)``, ``knn(k=50)``). A row averages the runs
+that evaluated that detector; two of them that evaluated the same checkpoint, or were trained with the same
+seeds (training and split seed), are refused, naming both runs: one model would count as two seeds. A cell
+averaged over fewer runs than its row's ``runs`` says so (``80.1 (n=1)``); ``-``: no run has the value.
+
 Writes ``comparison.md``, ``comparison.csv`` (mean and std in separate columns) and ``comparison.png``
 (AUROC vs FPR95 on the ``all`` group, one point per method and detector, error bars = std over seeds).
 
@@ -23,6 +29,7 @@ import argparse
 import csv
 import glob
 import io
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -50,6 +57,16 @@ class Run:
     info: dict[str, Any]
     rows: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+
+    def detector_setting(self, name: str) -> str:
+        """The class and hyperparameters of the run's detector ``name`` (``""`` when not recorded)."""
+        return str(self.info.get("detectors", {}).get(name, ""))
+
+    def replicate(self) -> tuple[str | None, tuple[str, str] | None]:
+        """What makes this run another sample of its group: the checkpoint, and the (training, split) seeds."""
+        seed = self.info.get("seed")
+        seeds = None if seed in (None, "") else (str(seed), str(self.info.get("data_seed")))
+        return self.info.get("ckpt_path") or None, seeds
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -136,33 +153,97 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, statistics.stdev(values) if len(values) > 1 else None
 
 
+def _settings(text: str) -> dict[str, str]:
+    """``"KNN(k=50, chunk_size=8192)"`` -> ``{"class": "KNN", "k": "50", "chunk_size": "8192"}``."""
+    cls, _, inner = text.partition("(")
+    out = {"class": cls}
+    for part in re.split(r", (?=\w+=)", inner.removesuffix(")")):
+        key, eq, value = part.partition("=")
+        if eq:
+            out[key] = value
+    return out
+
+
+def detector_labels(runs: Sequence[Run]) -> dict[tuple[str, str], str]:
+    """``{(detector name, setting): label}``: the name alone, or with the settings that tell apart detectors of
+    one name evaluated with other hyperparameters in these runs (``knn(k=50)``)."""
+    settings: dict[str, dict[str, None]] = defaultdict(dict)
+    for run in runs:
+        for row in run.rows:
+            settings[row["detector"]][run.detector_setting(row["detector"])] = None
+    labels = {}
+    for name, texts in settings.items():
+        parsed = {text: _settings(text) for text in texts}
+        keys = list(dict.fromkeys(k for p in parsed.values() for k in p))
+        varying = [k for k in keys if len({p.get(k) for p in parsed.values()}) > 1]
+        for text, p in parsed.items():
+            shown = ", ".join(p.get(k, "?") if k == "class" else f"{k}={p.get(k, '?')}" for k in varying)
+            labels[(name, text)] = f"{name}({shown})" if len(texts) > 1 else name
+    return labels
+
+
+def check_distinct(label: str, detector: str, runs: Sequence[Run]) -> None:
+    """Refuse to average two runs of one model (same checkpoint, or same training and split seeds)."""
+    for kind, index in (("checkpoint", 0), ("seeds (training seed, split seed)", 1)):
+        seen: dict[Any, Run] = {}
+        for run in runs:
+            key = run.replicate()[index]
+            if key is None:
+                continue
+            if key in seen:
+                raise SystemExit(
+                    f"refusing to average {seen[key].path} and {run.path} in {label!r}, detector {detector!r}: "
+                    f"both have the same {kind} {key}, so one model would count as two seeds. Pass only one "
+                    "of them, or evaluate new detector settings under another detector `name`."
+                )
+            seen[key] = run
+
+
 def summarise(groups: Mapping[str, Sequence[Run]], metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """One record per (group, detector): seeds, ID accuracy and ``<set>/<metric>`` ``(mean, std)`` pairs."""
+    """One record per (group, detector identity): its runs, ID accuracy and ``<set>/<metric>`` ``(mean, std)``
+    pairs, with ``counts[<set>/<metric>]`` = the number of runs each pair averages."""
     records = []
     for label, runs in groups.items():
-        detectors = list(dict.fromkeys(r["detector"] for run in runs for r in run.rows))
-        accs = [run.rows[0]["id_acc"] for run in runs if run.rows and run.rows[0]["id_acc"] is not None]
-        for det in detectors:
-            record: dict[str, Any] = {"group": label, "detector": det, "runs": len(runs)}
+        labels = detector_labels(runs)
+        for (det, setting), det_label in labels.items():
+            members = [
+                run
+                for run in runs
+                if run.detector_setting(det) == setting and any(r["detector"] == det for r in run.rows)
+            ]
+            check_distinct(label, det_label, members)
+            accs = [run.rows[0]["id_acc"] for run in members if run.rows[0]["id_acc"] is not None]
+            record: dict[str, Any] = {
+                "group": label,
+                "detector": det_label,
+                "runs": len(members),
+                "counts": {},
+            }
             record["id_acc"] = _mean_std(accs) if accs else None
+            record["counts"]["id_acc"] = len(accs)
             for group in MEAN_GROUPS:
                 for metric in metrics:
                     values = [
                         r[metric]
-                        for run in runs
+                        for run in members
                         for r in run.rows
-                        if r["detector"] == det and r["set"] == group
+                        if r["detector"] == det and r["set"] == group and r.get(metric) is not None
                     ]
-                    record[f"{group}/{metric}"] = _mean_std(values) if len(values) == len(runs) else None
+                    record[f"{group}/{metric}"] = _mean_std(values) if values else None
+                    record["counts"][f"{group}/{metric}"] = len(values)
             records.append(record)
     return records
 
 
-def format_cell(pair: tuple[float, float | None] | None) -> str:
-    """A ``(mean, std)`` pair as ``"mean ± std"`` in % (``"-"`` for none, no ``±`` for a single run)."""
+def format_cell(
+    pair: tuple[float, float | None] | None, n: int | None = None, runs: int | None = None
+) -> str:
+    """A ``(mean, std)`` pair as ``"mean ± std"`` in % (``"-"`` for none, no ``±`` for a single run), with
+    ``" (n=<n>)"`` when it averages fewer runs (``n``) than its row has (``runs``)."""
     if pair is None:
         return "-"
-    return f"{100 * pair[0]:.1f}" if pair[1] is None else f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
+    text = f"{100 * pair[0]:.1f}" if pair[1] is None else f"{100 * pair[0]:.1f} ± {100 * pair[1]:.1f}"
+    return f"{text} (n={n})" if n is not None and runs is not None and n != runs else text
 
 
 def to_markdown(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> str:
@@ -172,23 +253,26 @@ def to_markdown(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) ->
         "|---|---|---:|---:|" + "---:|" * len(columns),
     ]
     for r in records:
-        cells = [format_cell(r[c]) for c in columns]
-        lines.append(
-            f"| {r['group']} | {r['detector']} | {r['runs']} | {format_cell(r['id_acc'])} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        counts = r.get("counts", {})
+        cells = [format_cell(r[c], counts.get(c), r["runs"]) for c in columns]
+        acc = format_cell(r["id_acc"], counts.get("id_acc"), r["runs"])
+        lines.append(f"| {r['group']} | {r['detector']} | {r['runs']} | {acc} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_csv(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], path: Path) -> None:
     columns = ["id_acc", *(f"{g}/{m}" for g in MEAN_GROUPS for m in metrics)]
-    header = ["method", "detector", "runs", *(f"{c}_{s}" for c in columns for s in ("mean", "std"))]
+    header = ["method", "detector", "runs", *(f"{c}_{s}" for c in columns for s in ("mean", "std", "n"))]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     for r in records:
-        values = [("" if v is None else v) for c in columns for v in (r[c] or (None, None))]
+        counts = r.get("counts", {})
+        values = [
+            ("" if v is None else v)
+            for c in columns
+            for v in (*(r[c] or (None, None)), counts.get(c, r["runs"] if r[c] else 0))
+        ]
         writer.writerow([r["group"], r["detector"], r["runs"], *values])
     atomic_write(path, buf.getvalue())
 
@@ -230,9 +314,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         table_kind(argv)
         return []
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_ood.compare",
+        prog="lightning-ood compare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("runs", nargs="+", help="run directories, globs, or directories holding runs")
     parser.add_argument("--out", type=Path, default=Path("comparison"), help="where the table files go")

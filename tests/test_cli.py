@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from cli_helpers import FAST, TINY, eval_callback
+from cli_helpers import FAST, TINY, eval_callback, read_wandb_offline_run
 from cli_helpers import csv_logger as _csv_logger
 
 from lightning_ood.callbacks.results import read_results
@@ -51,8 +51,12 @@ def test_evaluate_matches_and_reuses_cached_detector_fit(trained, tmp_path):
     stamp = cache.stat().st_mtime_ns
     # the run's saved config.yaml is a valid evaluate.py config
     saved = eval_callback(cli).output_path / "config.yaml"
-    ev = evaluate(["--config", str(saved), *_csv_logger(tmp_path), f"--ckpt_path={ckpt}"])
+    ev = evaluate(
+        ["--config", str(saved), *_csv_logger(tmp_path), f"--ckpt_path={ckpt}", "--seed_everything=5"]
+    )
     assert cache.stat().st_mtime_ns == stamp  # nothing refitted, nothing rewritten
+    run = read_results(eval_callback(ev).output_path / "ood_results.json")[0]
+    assert run["seed"] == 0 and run["ckpt_path"] == str(Path(ckpt).resolve())  # the seed it was trained with
     a = {(r["detector"], r["set"]): r for r in eval_callback(cli).rows}
     b = {(r["detector"], r["set"]): r for r in eval_callback(ev).rows}
     assert a.keys() == b.keys()
@@ -90,27 +94,58 @@ def test_evaluate_with_other_detectors_than_trained(trained, tmp_path):
     assert "test/all/knn/auroc_hi" in ev.trainer.callback_metrics
 
 
-def test_wandb_offline_run_holds_metrics(tmp_path):
-    cli = train(
-        [
-            *TINY,
-            *FAST,
-            "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=2",
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
-            "--trainer.logger.init_args.group=tests",
-        ]
-    )
+def test_wandb_offline_run_holds_metrics_and_run_facts(tmp_path):
+    wandb_args = [f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.logger.init_args.group=tests"]
+    fast = [*TINY, *FAST, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", *wandb_args]
+    cli = train([*fast, "--seed_everything=7", "--data.init_args.seed=3"])
     logger = cli.trainer.logger
     assert type(logger).__name__ == "WandbLogger" and logger._offline
     run = logger.experiment
-    assert run.config["method"] == "classifier" and run.config["dataset"] == "digits"
     assert run.config["config"]["data"]["init_args"]["image_size"] == 16
     assert "test/gaussian/msp/auroc" in run.summary.keys()  # noqa: SIM118 (Summary has no __contains__)
     out = eval_callback(cli).output_path
     assert out == tmp_path / "lightning-ood" / run.id and (out / "ood_results.json").is_file()
-    assert list(tmp_path.glob("wandb/offline-run-*"))
     run.finish()
+    # what the offline run holds: the datamodule's split seed (3) did not overwrite the training seed (7)
+    facts, config = read_wandb_offline_run(
+        next(tmp_path.glob(f"wandb/offline-run-*-{run.id}/run-{run.id}.wandb"))
+    )
+    assert facts == {"name": "classifier-test_resnet-digits-s7", "job_type": "train", "group": "tests"}
+    assert {k: config[k] for k in ("method", "backbone", "dataset", "seed", "data_seed")} == {
+        "method": "classifier",
+        "backbone": "test_resnet",
+        "dataset": "digits",
+        "seed": 7,
+        "data_seed": 3,
+    }
+
+
+def test_wandb_job_type_per_entry_and_score_logs_only_when_asked(tmp_path):
+    args = [*TINY, f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert OODCLI(entry="score", args=[*args, "--images=x"]).trainer.loggers == []
+    for entry, extra, name in (
+        ("score", ["--images=x", "--log_run=true"], "classifier-test_resnet-digits-s0"),
+        ("evaluate", ["--trainer.logger.init_args.name=mine"], "mine"),  # the user's name wins
+    ):
+        cli = OODCLI(entry=entry, args=[*args, *extra])
+        cli.name_wandb_runs()  # what evaluate() / score() do before the run starts
+        init = cli.trainer.logger._wandb_init  # wandb.init's arguments, held until the run starts
+        assert init["job_type"] == entry and init["name"] == name
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_setting(trained, tmp_path):
+    cli, _ = trained
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    other = [
+        *TINY,
+        *FAST,
+        *_csv_logger(tmp_path),
+        f"--ckpt_path={ckpt}",
+        "--model.init_args.backbone=resnet10t",
+    ]
+    with pytest.raises(ValueError, match=r"backbone: checkpoint 'test_resnet', config 'resnet10t'") as err:
+        evaluate(other)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_config_key_is_named(capsys):

@@ -311,11 +311,12 @@ class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
 
 
 def folder_dataset(
-    path: str | Path, root: str | None, channels: int, size: int
+    path: str | Path, root: str | None, channels: int, size: int, skip_unreadable: bool = False
 ) -> tuple[list[Path], ImageDataset]:
     """Every image under ``path`` (recursively, sorted; relative: under ``root``) as ``channels`` x ``size`` x
-    ``size`` images whose targets are their row indices into the returned file list (for scoring a folder)."""
-    raw = imagefolder(str(path), root=root)
+    ``size`` images whose targets are their row indices into the returned file list (for scoring a folder;
+    ``skip_unreadable``: see :func:`imagefolder`)."""
+    raw = imagefolder(str(path), root=root, skip_unreadable=skip_unreadable)
     files = list(raw.images)
     idx = np.arange(len(files))
     return files, ImageDataset(make_images(raw, idx, channels, size), torch.from_numpy(idx).long())

@@ -15,10 +15,11 @@ class FolderScoring:
 
     _predict: tuple[list[Path], ImageDataset] | None = None
 
-    def set_predict_images(self, path: str | Path) -> list[Path]:
+    def set_predict_images(self, path: str | Path, skip_unreadable: bool = False) -> list[Path]:
         """Serve every image under ``path`` (recursively, sorted) from :meth:`predict_dataloader`, converted and
-        normalised like the test sets; each batch's targets are the images' row indices into the returned list."""
-        self._predict = folder_dataset(path, self.root, self._channels, self._image_size)
+        normalised like the test sets; each batch's targets are the images' row indices into the returned list.
+        ``skip_unreadable``: leave out files that cannot be decoded (with a warning) instead of failing."""
+        self._predict = folder_dataset(path, self.root, self._channels, self._image_size, skip_unreadable)
         return self._predict[0]
 
     @property

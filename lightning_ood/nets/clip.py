@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_ood.nets.encoders import Encoder, InputSpec, per_channel
+from lightning_ood.nets.hub import pretrained_or_explain
 
 #: The five prompt templates of Adaloglou et al. (TMLR 2024) for zero-shot class embeddings.
 PROMPT_TEMPLATES = (
@@ -86,7 +87,14 @@ class ClipEncoder(Encoder):
                     f"ClipEncoder.checkpoint={str(path)!r} does not exist: point it at a local OpenCLIP weights file"
                 )
             checkpoint = str(path)
-        self.clip = open_clip.create_model(model_name, pretrained=checkpoint or pretrained)
+        if checkpoint is None:
+            self.clip = pretrained_or_explain(
+                lambda: open_clip.create_model(model_name, pretrained=pretrained),
+                f"OpenCLIP {model_name}/{pretrained}",
+                instead="checkpoint: <a local OpenCLIP weights file> instead of pretrained",
+            )
+        else:
+            self.clip = open_clip.create_model(model_name, pretrained=checkpoint)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.name = f"openclip:{model_name}" + (f"/{pretrained}" if pretrained else "")
         self.source, self.features, self.pretrained = checkpoint, features, pretrained

@@ -9,6 +9,7 @@ import timm
 from torch import Tensor, nn
 
 from lightning_ood.contract import ModelOutputs
+from lightning_ood.nets.hub import pretrained_or_explain
 
 
 def create_timm_model(
@@ -46,8 +47,13 @@ def create_timm_model(
             f"unknown timm model {name!r}; see `timm.list_models()` (e.g. 'resnet18', 'resnet10t', "
             "'vit_tiny_patch16_224', 'deit_small_patch16_224')"
         )
-    return timm.create_model(
-        name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+    if not pretrained:
+        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return pretrained_or_explain(
+        lambda: timm.create_model(
+            name, pretrained=True, num_classes=num_classes, in_chans=in_chans, **kwargs
+        ),
+        f"timm model {name!r}",
     )
 
 
