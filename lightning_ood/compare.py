@@ -2,6 +2,7 @@
 
     python -m lightning_ood.compare results/**/seed*  --out comparison/
     python -m lightning_ood.compare 'results/*/*/seed*' --out comparison/ --metric auroc fpr95_idpos
+    python -m lightning_ood.compare logs/openood_cifar10/ --reference openood_v15_cifar10
 
 Every argument is a run directory (or a glob of them, or a directory holding runs further down): each
 ``ood_results.json`` found under it is one run. Runs are grouped by the run's method, backbone and dataset,
@@ -12,6 +13,7 @@ root and loader settings) are refused, naming the setting and the values: their 
 
 Writes ``comparison.md``, ``comparison.csv`` (mean and std in separate columns) and ``comparison.png``
 (AUROC vs FPR95 on the ``all`` group, one point per method and detector, error bars = std over seeds).
+``--reference NAME`` adds a benchmark's published rows (:mod:`lightning_ood.leaderboard`), marked as published.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import yaml
 
 from lightning_ood.callbacks.results import atomic_write, read_results
 from lightning_ood.contract import MEAN_GROUPS
+from lightning_ood.leaderboard import reference_records
 
 #: Data settings that may differ between the runs of a group (they do not change which images are used).
 DATA_KEYS_IGNORED = ("seed", "root", "download", "num_workers", "eval_batch_size")
@@ -229,9 +232,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--metric", nargs="+", default=["auroc", "fpr95_idpos", "fpr95_oodpos"], help="metrics to tabulate"
     )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="add a benchmark's published rows, e.g. openood_v15_cifar10 (lightning_ood.leaderboard)",
+    )
     args = parser.parse_args(argv)
     groups = group_runs(find_runs(args.runs))
     records = summarise(groups, args.metric)
+    records += [r for name in args.reference for r in reference_records(name, args.metric)]
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(records, args.metric)
     atomic_write(args.out / "comparison.md", markdown)
