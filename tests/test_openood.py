@@ -266,3 +266,15 @@ def test_an_ood_label_in_an_id_list_fails_naming_the_split(tmp_path: Path) -> No
         ValueError, match=r"id_set\.test: 1 images have labels outside the ID classes \[0, 2\)"
     ):
         dm.setup()
+
+
+def test_fit_fingerprint_follows_the_training_lists_content(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "train.txt").write_text("a.png 0\nb.png 1\n")
+    split = {p: SplitSource(options={"imglist": f"{p}.txt"}) for p in ("train", "test")}
+    spec = IDSetSpec("imglist", num_classes=2, options={"images": "images"}, **split)
+    dm = OODDataModule(spec, root=str(tmp_path), val_fraction=0.0, image_size=8, channels=3)
+    before = dm.fit_fingerprint()
+    (tmp_path / "train.txt").write_text("a.png 0\nc.png 1\n")  # same path, other images
+    assert dm.fit_fingerprint() != before
+    assert "id_train_list_sha256" not in digits().fit_fingerprint()  # other sources: as before

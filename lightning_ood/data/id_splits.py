@@ -19,6 +19,7 @@ from lightning_ood.data.datasets import (
     resolve_split,
     select_classes,
 )
+from lightning_ood.data.imglist import file_sha256, list_path
 from lightning_ood.data.sources import RawSet
 
 if TYPE_CHECKING:
@@ -120,6 +121,9 @@ def fit_fingerprint(dm: OODDataModule) -> dict[str, object]:
     }
     if dm.id_set.per_split:  # only then: earlier fingerprints stay what they were
         fingerprint["id_train"] = repr(dm.id_set.resolve("train"))
+    source, _, options = id_parts(dm.id_set)[0]
+    if source == "imglist":  # the list's content, not only its path, decides the fit images
+        fingerprint["id_train_list_sha256"] = file_sha256(list_path(options["imglist"], dm.root))
     if dm.resize_size is not None:
         fingerprint["resize_size"] = dm.resize_size
     return fingerprint

@@ -129,10 +129,18 @@ def _problem(path: str, check: str) -> str | None:
     return None
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks (a 1.28M-line list is ~50 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _marker(list_file: Path, folder: Path, check: str, cache_dir: Path) -> Path:
-    digest = hashlib.sha256(list_file.read_bytes())
-    digest.update(f"\0{folder.resolve()}\0{check}".encode())
-    return cache_dir / f"{digest.hexdigest()[:32]}.ok"
+    key = f"{file_sha256(list_file)}\0{folder.resolve()}\0{check}"
+    return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.ok"
 
 
 def default_cache_dir() -> Path:
