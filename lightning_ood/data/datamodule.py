@@ -167,7 +167,6 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
         )
         self._predict: tuple[list[Path], ImageDataset] | None = None
 
-    # ----------------------------------------------------------------------------------- config checks
     # ----------------------------------------------------------------------------------- properties
     @property
     def num_classes(self) -> int:
