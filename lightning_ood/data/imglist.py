@@ -172,12 +172,15 @@ def check_imglist(
     if check not in CHECKS:
         raise ValueError(f"imglist option check must be one of {list(CHECKS)}, got {check!r}")
     folder, path = image_folder(images, root), list_path(imglist, root)
-    files, _ = parse_imglist(path)
     if check == "off":
+        parse_imglist(path)  # the list's lines are still checked
         return False
+    if not path.is_file():
+        raise FileNotFoundError(f"image list {path} does not exist. {GET_DATA}")
     marker = _marker(path, folder, check, cache_dir or default_cache_dir())
-    if marker.is_file():
+    if marker.is_file():  # passed before: the list is not even parsed again
         return False
+    files, _ = parse_imglist(path)
     prefix = str(folder) + os.sep
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL releases the GIL
         reasons = list(pool.map(_problem, (prefix + f for f in files), [check] * len(files), chunksize=256))
