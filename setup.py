@@ -12,5 +12,5 @@ configs = [
 setup(
     packages=[*find_packages(include=["lightning_ood", "lightning_ood.*"]), *configs],
     package_dir={"lightning_ood.configs": "configs"},
-    package_data={name: ["*.yaml"] for name in configs},
+    package_data={**{name: ["*.yaml"] for name in configs}, "lightning_ood.leaderboard": ["*.json"]},
 )

@@ -2,6 +2,7 @@
 
     python -m lightning_ood.compare results/**/seed*  --out comparison/
     python -m lightning_ood.compare 'results/*/*/seed*' --out comparison/ --metric auroc fpr95_idpos
+    python -m lightning_ood.compare logs/openood_cifar10/ --reference openood_v15_cifar10
 
 Every argument is a run directory (or a glob of them, or a directory holding runs further down): each
 ``ood_results.json`` found under it is one run. Runs are grouped by the run's method, backbone and dataset,
@@ -21,6 +22,7 @@ Writes ``comparison.md``, ``comparison.csv`` (mean and std in separate columns) 
 
 Other table kinds (``seeds``, ``headline``, ``attack``, ``sweep``, ``moved``): ``python -m lightning_ood.compare
 <kind> --help`` (lightning_ood/compare_tables).
+``--reference NAME`` adds a benchmark's published rows (:mod:`lightning_ood.leaderboard`), marked as published.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from lightning_ood.callbacks.results import atomic_write, read_results
 from lightning_ood.compare_tables import KINDS as TABLE_KINDS
 from lightning_ood.compare_tables import main as table_kind
 from lightning_ood.contract import MEAN_GROUPS
+from lightning_ood.leaderboard import reference_records
 
 #: Data settings that may differ between the runs of a group (they do not change which images are used).
 DATA_KEYS_IGNORED = ("seed", "root", "download", "num_workers", "eval_batch_size")
@@ -324,9 +327,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--metric", nargs="+", default=["auroc", "fpr95_idpos", "fpr95_oodpos"], help="metrics to tabulate"
     )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="add a benchmark's published rows, e.g. openood_v15_cifar10 (lightning_ood.leaderboard)",
+    )
     args = parser.parse_args(argv)
     groups = group_runs(find_runs(args.runs))
     records = summarise(groups, args.metric)
+    records += [r for name in args.reference for r in reference_records(name, args.metric)]
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(records, args.metric)
     atomic_write(args.out / "comparison.md", markdown)

@@ -45,6 +45,10 @@ def test_wheel_holds_packages_configs_license_and_console_script(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     packages = {str(p.relative_to(ROOT)) for p in (ROOT / "lightning_ood").rglob("__init__.py")}
     assert packages <= names
+    data = {
+        str(p.relative_to(ROOT)) for p in (ROOT / "lightning_ood").rglob("*.json")
+    }  # e.g. the leaderboard
+    assert data and data <= names
     configs = {f"lightning_ood/{p.relative_to(ROOT)}" for p in (ROOT / "configs").rglob("*.yaml")}
     assert configs and configs <= names
     dist = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))

@@ -30,9 +30,17 @@ from lightning_ood.data.datasets import (
 )
 from lightning_ood.data.derived import TestSetBuilder
 from lightning_ood.data.folder_scoring import FolderScoring
+from lightning_ood.data.id_splits import fit_fingerprint, id_set_name, load_id_part, prepare_sources
 from lightning_ood.data.loaders import LoaderFactory
 from lightning_ood.data.outliers import AuxiliaryOutliers
-from lightning_ood.data.set_checks import check_other_sets, derived_set_groups, text_table
+from lightning_ood.data.set_checks import (
+    check_ood_val_set,
+    check_other_sets,
+    derived_set_groups,
+    native_value,
+    per_channel,
+    set_summary,
+)
 from lightning_ood.data.sources import RawSet
 from lightning_ood.data.transforms import NormalizeCollate, default_augmentation
 
@@ -50,14 +58,21 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
     in fresh permutations, sharded over DDP ranks. The outlier set is built only when something asks for it.
 
     Args:
-        id_set: the in-distribution source.
+        id_set: the in-distribution source (or a source per split: ``id_set.train`` / ``val`` / ``test``).
         ood_sets: the test OOD sets, in the order of ``test_set_names`` after ``"id"``.
         aux_set: auxiliary outliers for methods that train with them (e.g. outlier exposure, heatmap decoders).
+        ood_val_set: a benchmark's OOD *validation* set (e.g. OpenOOD's ``val_tin``), never a test set: when
+            given, the detector search (``DetectorSearch``) scores ID validation against it instead of against
+            the auxiliary outliers (:meth:`aux_eval_dataloader`). Not used for training.
         root: folder for downloaded/local datasets (searched first for Fashion-MNIST).
         download: let ``prepare_data`` download torchvision datasets into ``root`` (needs a network).
-        val_fraction: fraction of the ID train split held out for validation, seeded; in [0, 1).
+        val_fraction: fraction of the ID train split held out for validation, seeded; in [0, 1); must be 0
+            when ``id_set.val`` gives the validation images.
         train_limit, val_limit, test_limit: keep a seeded random subset of at most this many ID images.
         image_size: side ``S`` every image is resized to; ``None``: the ID source's native size.
+        resize_size: resize the shorter side to this, then take the centre ``S`` x ``S`` (OpenOOD's ImageNet
+            preprocessing: 256 then 224); image files are then resized with PIL exactly as torchvision's
+            ``Resize`` + ``CenterCrop`` on PIL images (OpenOOD's test pipeline). ``None``: straight to ``S``.
         channels: 1 or 3, every set is converted to it; ``None``: the ID source's native channels.
         mean, std: per-channel normalisation of images scaled to [0, 1] (one value = every channel).
         train_transforms: augmentation of uint8 ``[C, S, S]`` images for training and aux outliers (e.g.
@@ -83,6 +98,7 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
         id_set: IDSetSpec,
         ood_sets: list[OODSetSpec] | None = None,
         aux_set: AuxSetSpec | None = None,
+        ood_val_set: AuxSetSpec | None = None,
         root: str | None = None,
         download: bool = False,
         val_fraction: float = 0.1,
@@ -90,6 +106,7 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
         val_limit: int | None = None,
         test_limit: int | None = None,
         image_size: int | None = None,
+        resize_size: int | None = None,
         channels: int | None = None,
         mean: float | list[float] = 0.5,
         std: float | list[float] = 0.5,
@@ -107,6 +124,7 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
         # transforms and builders are objects; the CLI's config keeps them
         self.save_hyperparameters(ignore=["train_transforms", "aux_transforms", "test_set_builders"])
         self.id_set, self.ood_sets, self.aux_set = id_set, list(ood_sets or []), aux_set
+        self.ood_val_set, self.resize_size = ood_val_set, resize_size
         self.root, self.download, self.val_fraction, self.seed = root, download, val_fraction, seed
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -115,12 +133,16 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
         self.augmentation, self.aux_augmentation = train_transforms, aux_transforms
         native = SOURCES[id_set.source]
         self._num_classes = id_set.class_count
-        self._channels = self._native(channels, native.channels, "channels")
-        self._image_size = self._native(image_size, native.size, "image_size")
+        self._channels = native_value(channels, native.channels, "channels", id_set.source)
+        self._image_size = native_value(image_size, native.size, "image_size", id_set.source)
         if self._channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self._channels}")
-        self._mean, self._std = self._per_channel(mean, "mean"), self._per_channel(std, "std")
+        self._mean = per_channel(mean, self._channels, "mean")
+        self._std = per_channel(std, self._channels, "std")
         check_other_sets(self.id_set, self.ood_sets, self.aux_set)
+        check_ood_val_set(self.ood_val_set, self.id_set, self.ood_sets, val_fraction)
+        if resize_size is not None and resize_size < self._image_size:
+            raise ValueError(f"resize_size={resize_size} must be >= image_size={self._image_size}, or null")
         self.test_set_builders = list(test_set_builders or [])
         self._derived_groups = derived_set_groups(self.test_set_builders, self.ood_sets)
         if not 0 <= val_fraction < 1:
@@ -144,20 +166,6 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
             NormalizeCollate(self._mean, self._std), num_workers, self.eval_batch_size, seed
         )
         self._predict: tuple[list[Path], ImageDataset] | None = None
-
-    # ----------------------------------------------------------------------------------- config checks
-    def _native(self, value: int | None, native: int | None, key: str) -> int:
-        if value is None and native is None:
-            raise ValueError(f"{key} is required: source {self.id_set.source!r} has no fixed native {key}")
-        return value if value is not None else native  # type: ignore[return-value]
-
-    def _per_channel(self, value: float | list[float], key: str) -> tuple[float, ...]:
-        values = [value] * self._channels if isinstance(value, int | float) else list(value)
-        if len(values) != self._channels:
-            raise ValueError(
-                f"{key} needs 1 or {self._channels} values (channels={self._channels}), got {value}"
-            )
-        return tuple(float(v) for v in values)
 
     # ----------------------------------------------------------------------------------- properties
     @property
@@ -185,17 +193,8 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
 
     @property
     def dataset_name(self) -> str:
-        """Short ID-set name for tracking, e.g. ``"fashionmnist"`` or ``"fashionmnist[0-5]"``."""
-        name = self.id_set.source
-        if "path" in self.id_set.options:
-            name += f"({Path(str(self.id_set.options['path'])).name})"
-        classes = self.id_set.classes
-        if classes is None:
-            return name
-        contiguous = len(classes) > 1 and classes == list(range(classes[0], classes[-1] + 1))
-        return (
-            f"{name}[{classes[0]}-{classes[-1]}]" if contiguous else f"{name}[{','.join(map(str, classes))}]"
-        )
+        """Short ID-set name for tracking, e.g. ``"fashionmnist"``, ``"fashionmnist[0-5]"`` or ``id_set.name``."""
+        return id_set_name(self.id_set)
 
     @property
     def mean(self) -> tuple[float, ...]:
@@ -219,16 +218,15 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
 
     # ----------------------------------------------------------------------------------- building
     def prepare_data(self) -> None:
-        """Download the sources that need it, only when ``download`` is set."""
-        specs = [(self.id_set, "train"), (self.id_set, "test"), *((s, s.split) for s in self.ood_sets)]
-        if self.aux_set is not None:
-            specs.append((self.aux_set, self.aux_set.split))
-        for spec, split in specs:
-            prepare = SOURCES[spec.source].prepare
-            if prepare is not None:
-                prepare(
-                    resolve_split(spec.source, split, spec.source), root=self.root, download=self.download
-                )
+        """Download the sources that need it (only when ``download``), and run the checks that are too costly
+        for every rank at every start, once per node (e.g. that every file of an image list is an image)."""
+        others = [(s, s.name) for s in self.ood_sets]
+        others += [
+            (spec, key)
+            for spec, key in ((self.aux_set, "aux_set"), (self.ood_val_set, "ood_val_set"))
+            if spec
+        ]
+        prepare_sources(self.id_set, others, self.root, self.download)
 
     def setup(self, stage: str | None = None) -> None:
         """Build every set once (later calls are no-ops) and log a summary on rank 0."""
@@ -236,26 +234,28 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
             return
         cache: dict[str, RawSet] = {}
         augment = self._augmentation()
-        raw, idx, labels = self._load(self.id_set, "train", "id_set", cache)
+        raw, idx, labels = load_id_part(self.id_set, "train", self.root, cache)
         names = [raw.class_names[c] for c in self.id_set.classes] if self.id_set.classes else raw.class_names
         if len(names) != self._num_classes:
             raise ValueError(f"id_set.num_classes={self._num_classes} but the data has {len(names)} classes")
         self._class_names = list(names)
-        order = derived_rng(self.seed, "id/val").permutation(len(idx))
-        n_val = round(self.val_fraction * len(idx))
-        rows = {
-            part: self._limit(np.sort(o), part)
-            for part, o in (("train", order[n_val:]), ("val", order[:n_val]))
-        }
+        if self.id_set.val is not None:  # a source of its own: every train image trains
+            rows = {"train": self._limit(np.arange(len(idx)), "train")}
+        else:
+            order = derived_rng(self.seed, "id/val").permutation(len(idx))
+            n_val = round(self.val_fraction * len(idx))
+            rows = {
+                part: self._limit(np.sort(o), part)
+                for part, o in (("train", order[n_val:]), ("val", order[:n_val]))
+            }
         train = self._dataset(raw, idx[rows["train"]], labels[rows["train"]], augment)
-        self._splits = {
-            "train": train,
-            "val": self._dataset(raw, idx[rows["val"]], labels[rows["val"]]),
-            "fit": ImageDataset(train.images, train.targets),  # the train images, not augmented
-        }
-        raw, idx, labels = self._load(self.id_set, "test", "id_set", cache)
-        test_rows = self._limit(np.arange(len(idx)), "test")
-        test_sets = {"id": self._dataset(raw, idx[test_rows], labels[test_rows])}
+        if self.id_set.val is not None:
+            val = self._id_part("val", cache)
+        else:
+            val = self._dataset(raw, idx[rows["val"]], labels[rows["val"]])
+        # fit: the train images, not augmented
+        self._splits = {"train": train, "val": val, "fit": ImageDataset(train.images, train.targets)}
+        test_sets = {"id": self._id_part("test", cache)}
         for spec in self.ood_sets:
             test_sets[spec.name] = self._outliers(spec, f"ood/{spec.name}", None, cache)
         empty = [
@@ -266,8 +266,14 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
         self._test_sets = test_sets
         rank_zero_info(self.summary())
 
+    def _id_part(self, part: str, cache: dict[str, RawSet]) -> ImageDataset:
+        """ID ``part`` (``"test"``, or ``"val"`` from its own source) with its ``<part>_limit``."""
+        raw, idx, labels = load_id_part(self.id_set, part, self.root, cache)
+        rows = self._limit(np.arange(len(idx)), part)
+        return self._dataset(raw, idx[rows], labels[rows])
+
     def _load(
-        self, spec: IDSetSpec | OODSetSpec | AuxSetSpec, split: str, where: str, cache: dict[str, RawSet]
+        self, spec: OODSetSpec | AuxSetSpec, split: str, where: str, cache: dict[str, RawSet]
     ) -> tuple[RawSet, np.ndarray, np.ndarray]:
         raw, idx = load_split(spec.source, split, spec.options, self.root, cache)
         return raw, *select_classes(raw, idx, spec.classes, where)
@@ -286,7 +292,7 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
     def _dataset(
         self, raw: RawSet, idx: np.ndarray, targets: np.ndarray, augment: Augment = None
     ) -> ImageDataset:
-        images = make_images(raw, idx, self._channels, self._image_size)
+        images = make_images(raw, idx, self._channels, self._image_size, self.resize_size)
         return ImageDataset(images, torch.from_numpy(targets).long(), augment)
 
     def _augmentation(self, steps: list[nn.Module] | None = None) -> Augment:
@@ -296,22 +302,7 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
 
     def summary(self) -> str:
         """A plain-text table of every set: name, group, source, split and size (after ``setup``)."""
-        rows = [("set", "group", "source", "split", "size")]
-        for part, split in (("train", "train"), ("val", "train"), ("test", "test")):
-            dataset = self._test_sets["id"] if part == "test" else self._splits[part]
-            rows.append((f"id/{part}", "id", self.dataset_name, split, str(len(dataset))))
-        others = [(s.name, s.group, s, self._test_sets[s.name]) for s in self.ood_sets]
-        if "aux" in self._splits:
-            others.append(("aux", "aux", self.aux_set, self._splits["aux"]))
-            others.append(("aux_val", "aux", self.aux_set, self._splits["aux_val"]))
-        for name, group, spec, dataset in others:
-            split = resolve_split(spec.source, spec.split, name)
-            rows.append((name, group, spec.source, split, str(len(dataset))))
-        head = (
-            f"OODDataModule: ID {self.dataset_name} ({self._num_classes} classes), images "
-            f"{self._channels}x{self._image_size}x{self._image_size}, mean {self._mean}, std {self._std}"
-        )
-        return text_table(head, rows)
+        return set_summary(self)
 
     # ----------------------------------------------------------------------------------- loaders
     def _dataset_for(self, key: str) -> Dataset:
@@ -320,6 +311,8 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
             raise RuntimeError("call setup() before asking for dataloaders")
         if key.startswith("aux"):
             self._build_aux()
+        elif key == "ood_val":
+            self._build_ood_val()
         return self._splits[key]
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
@@ -396,13 +389,4 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
         """Everything that decides the detector-fit images and how they look (the fit cache's key): the ID
         source, classes and options, split seed, ``val_fraction``, ``train_limit``, image size, channels and
         normalisation. Evaluation never augments, so no transform enters."""
-        return {
-            "id_set": repr(self.id_set),
-            "seed": self.seed,
-            "val_fraction": self.val_fraction,
-            "train_limit": self.limits["train"],
-            "image_size": self._image_size,
-            "channels": self._channels,
-            "mean": self._mean,
-            "std": self._std,
-        }
+        return fit_fingerprint(self)

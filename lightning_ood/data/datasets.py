@@ -4,11 +4,14 @@ A source with native train/test splits (``fashionmnist``, the torchvision sets) 
 other source is one pool of images: ``split="all"`` is the whole pool, and ``"train"``/``"test"`` are a fixed
 80/20 split of it (seed 0, whatever the run's seed) so that such a source can also be an ID set. An OOD set's
 default split is ``"test"`` for sources with native splits and ``"all"`` otherwise.
+
+An ID set may instead take a source per split (:class:`SplitSource` in ``IDSetSpec.train`` / ``val`` /
+``test``), e.g. ImageNet's ``train/`` folder for training and its flat validation list as the ID test set, or
+OpenOOD's ``train_cifar10.txt`` / ``val_cifar10.txt`` / ``test_cifar10.txt`` lists (the ``imglist`` source).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import zlib
 from collections.abc import Callable
@@ -20,94 +23,49 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
 
 from lightning_ood.contract import MEAN_GROUPS, OOD_GROUPS
-from lightning_ood.data import sources as off
+from lightning_ood.data.imglist import ResizedFiles
+from lightning_ood.data.source_table import SOURCES, SPLITS, Source, check_options, get_source, resolve_split
 from lightning_ood.data.sources import RawSet
-from lightning_ood.data.sources_torchvision import imagefolder, read_image, torchvision_builder
-from lightning_ood.data.transforms import format_images
+from lightning_ood.data.sources_torchvision import imagefolder, read_image
+from lightning_ood.data.transforms import format_images, to_channels
 
 GROUPS = OOD_GROUPS
 #: Names no OOD set may take: the ID set's, and the group means' in logged keys ``test/<near|far|all>/...``.
 RESERVED_NAMES = ("id", *MEAN_GROUPS)
-SPLITS = ("train", "test", "all")
 _POOL_TEST_FRACTION = 0.2
+__all__ = ["SOURCES", "SPLITS", "Source", "check_options", "get_source", "resolve_split"]  # re-exported
+
+
+ID_PARTS = ("train", "val", "test")
+
+
+@dataclass
+class SplitSource:
+    """Where one split of the ID set comes from (``IDSetSpec.train`` / ``val`` / ``test``).
+
+    Attributes:
+        source: a name in :data:`SOURCES`; ``None``: the ID set's ``source``.
+        split: the source's split to read; ``None``: ``"all"`` for a source without native splits, the part's
+            own name (``"train"`` / ``"test"``) for one with them (a native source's ``val`` must name it).
+        options: the source builder's keyword arguments, over the ID set's ``options`` when the source is the
+            ID set's (so ``images: images_classic`` is given once and each split names only its list).
+    """
+
+    source: str | None = None
+    split: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class Source:
-    """How to build one named source.
+class ResolvedSplit:
+    """A :class:`SplitSource` with the defaults filled in: what ``load_split`` reads."""
 
-    Attributes:
-        build: ``build(**options)`` -> :class:`RawSet`; also gets ``split=`` when ``splits`` and ``root=``
-            when ``uses_root``.
-        num_classes: known class count; ``0`` for an unlabelled source, ``None`` when only the data can tell.
-        channels, size: native image channels and side, when fixed (the DataModule's defaults for an ID set).
-        splits: whether the source has native train/test splits.
-        uses_root: whether ``build`` reads from the DataModule's ``root``.
-        prepare: ``prepare(split, root, download)``, run by ``prepare_data`` (the only place that downloads).
-    """
-
-    build: Callable[..., RawSet]
-    num_classes: int | None
-    channels: int | None = None
-    size: int | None = None
-    splits: bool = False
-    uses_root: bool = False
-    prepare: Callable[..., None] | None = None
-
-
-def _torchvision_source(name: str, num_classes: int, channels: int, size: int) -> Source:
-    build, prepare = torchvision_builder(name)
-    return Source(build, num_classes, channels, size, splits=True, uses_root=True, prepare=prepare)
-
-
-SOURCES: dict[str, Source] = {
-    "fashionmnist": Source(
-        off.fashion_mnist, 10, 1, 28, splits=True, uses_root=True, prepare=off.prepare_fashion_mnist
-    ),
-    "digits": Source(off.digits, 10, 1, 8),
-    "faces": Source(off.faces, 0, 1, 25),
-    "textures": Source(off.textures, len(off.TEXTURE_IMAGES), 1),
-    "photos": Source(off.photos, len(off.PHOTO_IMAGES), 3),
-    "aux_photos": Source(off.aux_photos, len(off.AUX_IMAGES), 3),
-    "gaussian": Source(off.gaussian, 0),
-    "uniform": Source(off.uniform, 0),
-    "mnist": _torchvision_source("mnist", 10, 1, 28),
-    "kmnist": _torchvision_source("kmnist", 10, 1, 28),
-    "cifar10": _torchvision_source("cifar10", 10, 3, 32),
-    "cifar100": _torchvision_source("cifar100", 100, 3, 32),
-    "svhn": _torchvision_source("svhn", 10, 3, 32),
-    "imagefolder": Source(imagefolder, None, uses_root=True),
-}
-
-
-def get_source(name: str, where: str) -> Source:
-    """The source called ``name``; ``where`` names the config entry in the error for an unknown name."""
-    if name not in SOURCES:
-        raise ValueError(f"{where}: unknown source {name!r}; available: {', '.join(sorted(SOURCES))}")
-    return SOURCES[name]
-
-
-def check_options(source: str, options: dict[str, Any], where: str) -> None:
-    """Fail, naming ``where`` and the key, when ``options`` are not keyword arguments of the builder."""
-    params = inspect.signature(SOURCES[source].build).parameters
-    allowed = [p for p in params if p not in ("split", "root")]
-    for key in options:
-        if key not in allowed:
-            raise ValueError(
-                f"{where}.options: {source!r} has no option {key!r}; it takes {allowed or 'none'}"
-            )
-
-
-def resolve_split(source: str, split: str | None, where: str) -> str:
-    """The split to read (see module doc); fails naming ``where`` for a split the source does not have."""
-    native = SOURCES[source].splits
-    split = split or ("test" if native else "all")
-    if split not in SPLITS or (native and split == "all"):
-        allowed = SPLITS[:2] if native else SPLITS
-        raise ValueError(f"{where}.split: {source!r} has splits {list(allowed)}, got {split!r}")
-    return split
+    source: str
+    split: str
+    options: dict[str, Any]
 
 
 @dataclass
@@ -117,16 +75,24 @@ class IDSetSpec:
     Attributes:
         source: a name in :data:`SOURCES`.
         classes: original class indices to keep, relabelled ``0..len(classes)-1`` in this order (``None``:
-            all).
+            all); applied to every split.
         num_classes: required only when the source cannot know its class count without reading the data
-            (``imagefolder``); checked against the data at ``setup``.
+            (``imagefolder``, ``imglist``); checked against the data at ``setup``.
         options: keyword arguments of the source's builder (e.g. ``{"path": ...}`` for ``imagefolder``).
+        train, val, test: a source per split (see the module doc). All ``None`` (default): train and test
+            are the source's ``train`` / ``test`` splits and val is ``val_fraction`` of train. Given: ``train``
+            and ``test`` are both required; ``val`` is optional (then ``data.val_fraction`` must be 0).
+        name: the ID set's name in results and tracking (``None``: derived from the source).
     """
 
     source: str = "fashionmnist"
     classes: list[int] | None = None
     num_classes: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    train: SplitSource | None = field(default=None, repr=False)
+    val: SplitSource | None = field(default=None, repr=False)
+    test: SplitSource | None = field(default=None, repr=False)
+    name: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         known = get_source(self.source, "id_set.source").num_classes
@@ -146,13 +112,55 @@ class IDSetSpec:
             not classes or len(set(classes)) != len(classes) or not all(0 <= c < total for c in classes)
         ):
             raise ValueError(f"id_set.classes: must be distinct class indices in [0, {total}), got {classes}")
+        if self.per_split:
+            for part in ID_PARTS:
+                self.resolve(part)
+
+    @property
+    def per_split(self) -> bool:
+        """Whether the splits come from their own sources (``train`` / ``val`` / ``test`` given)."""
+        return any(getattr(self, part) is not None for part in ID_PARTS)
+
+    def resolve(self, part: str) -> ResolvedSplit | None:
+        """Source, split and options of ID ``part`` (``None``: ``val`` not given); fails naming the key."""
+        spec: SplitSource | None = getattr(self, part)
+        where = f"id_set.{part}"
+        if spec is None:
+            if part == "val":
+                return None
+            given = [p for p in ID_PARTS if getattr(self, p) is not None]
+            raise ValueError(
+                f"{where} is missing: an ID set with a source per split ({', '.join(f'id_set.{p}' for p in given)} "
+                "given) needs id_set.train and id_set.test; id_set.val is optional"
+            )
+        source = spec.source or self.source
+        src = get_source(source, f"{where}.source")
+        if src.num_classes == 0:
+            raise ValueError(f"{where}.source: {source!r} is unlabelled and cannot be an ID split")
+        if src.num_classes is not None and src.num_classes != self.class_total:
+            raise ValueError(
+                f"{where}.source: {source!r} has {src.num_classes} classes, the ID set {self.class_total}"
+            )
+        options = {**self.options, **spec.options} if source == self.source else dict(spec.options)
+        check_options(source, options, where)
+        split = spec.split
+        if split is None and src.splits:
+            if part == "val":
+                raise ValueError(f"{where}.split is required: {source!r} has splits {list(SPLITS[:2])}")
+            split = part
+        return ResolvedSplit(source, resolve_split(source, split, where), options)
+
+    @property
+    def class_total(self) -> int:
+        """Number of classes of the source(s), before the class subset."""
+        return SOURCES[self.source].num_classes or self.num_classes  # type: ignore[return-value]
 
     @property
     def class_count(self) -> int:
         """Number of ID classes after the class subset, known without I/O."""
         if self.classes is not None:
             return len(self.classes)
-        return SOURCES[self.source].num_classes or self.num_classes  # type: ignore[return-value]
+        return self.class_total
 
 
 @dataclass
@@ -282,11 +290,31 @@ class LazyImages:
         return format_images(image, self.channels, self.size)[0]
 
 
-def make_images(raw: RawSet, indices: np.ndarray, channels: int, size: int) -> Tensor | LazyImages:
-    """The images ``raw[indices]`` as uint8 ``[N, channels, size, size]`` (lazily for file sources)."""
+#: A set's images: uint8 ``[N, C, S, S]`` in memory, or files decoded on access to ``[C, S, S]``.
+Images = Tensor | LazyImages | ResizedFiles
+
+
+def make_images(
+    raw: RawSet, indices: np.ndarray, channels: int, size: int, resize_size: int | None = None
+) -> Images:
+    """The images ``raw[indices]`` as uint8 ``[N, channels, size, size]`` (lazily for file sources).
+
+    ``resize_size``: the shorter side is first resized to it, then the centre ``size`` x ``size`` is cut
+    (OpenOOD's / torchvision's ``Resize(256)`` + ``CenterCrop(224)``); files are then resized with PIL as
+    torchvision's classic pipeline does (:class:`~lightning_ood.data.imglist.ResizedFiles`). ``None``: resized
+    straight to ``size`` (:func:`format_images`).
+    """
     if isinstance(raw.images, np.ndarray):
-        return format_images(torch.from_numpy(raw.images[indices]).permute(0, 3, 1, 2), channels, size)
-    return LazyImages([raw.images[i] for i in indices], channels, size)
+        images = torch.from_numpy(raw.images[indices]).permute(0, 3, 1, 2)
+        if resize_size is not None and resize_size != size:
+            images = TF.center_crop(
+                TF.resize(to_channels(images, channels), resize_size, antialias=True), size
+            )
+        return format_images(images, channels, size)
+    files = [raw.images[i] for i in indices]
+    if resize_size is not None:
+        return ResizedFiles(files, channels, size, resize_size)
+    return LazyImages(files, channels, size)
 
 
 class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
@@ -296,7 +324,10 @@ class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
     """
 
     def __init__(
-        self, images: Tensor | LazyImages, targets: Tensor, augment: Callable[[Tensor], Tensor] | None = None
+        self,
+        images: Tensor | LazyImages | ResizedFiles,
+        targets: Tensor,
+        augment: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} targets")
@@ -311,7 +342,12 @@ class ImageDataset(Dataset[tuple[Tensor, Tensor]]):
 
 
 def folder_dataset(
-    path: str | Path, root: str | None, channels: int, size: int, skip_unreadable: bool = False
+    path: str | Path,
+    root: str | None,
+    channels: int,
+    size: int,
+    resize_size: int | None = None,
+    skip_unreadable: bool = False,
 ) -> tuple[list[Path], ImageDataset]:
     """Every image under ``path`` (recursively, sorted; relative: under ``root``) as ``channels`` x ``size`` x
     ``size`` images whose targets are their row indices into the returned file list (for scoring a folder;
@@ -319,4 +355,5 @@ def folder_dataset(
     raw = imagefolder(str(path), root=root, skip_unreadable=skip_unreadable)
     files = list(raw.images)
     idx = np.arange(len(files))
-    return files, ImageDataset(make_images(raw, idx, channels, size), torch.from_numpy(idx).long())
+    images = make_images(raw, idx, channels, size, resize_size)
+    return files, ImageDataset(images, torch.from_numpy(idx).long())

@@ -11,7 +11,7 @@ from lightning_ood.data.datasets import ImageDataset, folder_dataset
 
 class FolderScoring:
     """A mixin of :class:`~lightning_ood.data.datamodule.OODDataModule` (``python -m lightning_ood.score``): it
-    reads the data module's ``root``, ``_channels``, ``_image_size`` and ``_loaders``."""
+    reads the data module's ``root``, ``_channels``, ``_image_size``, ``resize_size`` and ``_loaders``."""
 
     _predict: tuple[list[Path], ImageDataset] | None = None
 
@@ -19,7 +19,9 @@ class FolderScoring:
         """Serve every image under ``path`` (recursively, sorted) from :meth:`predict_dataloader`, converted and
         normalised like the test sets; each batch's targets are the images' row indices into the returned list.
         ``skip_unreadable``: leave out files that cannot be decoded (with a warning) instead of failing."""
-        self._predict = folder_dataset(path, self.root, self._channels, self._image_size, skip_unreadable)
+        self._predict = folder_dataset(
+            path, self.root, self._channels, self._image_size, self.resize_size, skip_unreadable
+        )
         return self._predict[0]
 
     @property

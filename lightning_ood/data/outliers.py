@@ -40,8 +40,8 @@ class AuxiliaryOutliers:
     """``OODDataModule``'s auxiliary outliers: built on first use, split, and served by the loaders below.
 
     A mixin of :class:`~lightning_ood.data.datamodule.OODDataModule`; it reads the data module's settings
-    (``aux_set``, ``aux_augmentation``, ``aux_val_fraction``, ``seed``, batch sizes) and state (``_splits``,
-    ``_test_sets``, ``_loaders``).
+    (``aux_set``, ``ood_val_set``, ``aux_augmentation``, ``aux_val_fraction``, ``seed``, batch sizes) and
+    state (``_splits``, ``_test_sets``, ``_loaders``).
     """
 
     def _build_aux(self) -> ImageDataset:
@@ -65,6 +65,20 @@ class AuxiliaryOutliers:
             )
         return self._splits["aux"]
 
+    def _build_ood_val(self) -> ImageDataset:
+        """The benchmark's OOD validation set (``ood_val_set``, targets -1, not augmented), built on first use."""
+        if "ood_val" not in self._splits:
+            if self.ood_val_set is None:
+                raise RuntimeError(
+                    "an OOD validation set was asked for, but the data config has no ood_val_set"
+                )
+            ood_val = self._outliers(self.ood_val_set, "ood_val", None, {})
+            if len(ood_val) == 0:
+                raise ValueError("ood_val_set has no images after class selection and limit")
+            self._splits["ood_val"] = ood_val
+            rank_zero_info(f"OODDataModule: {len(ood_val)} OOD validation images ({self.ood_val_set.source})")
+        return self._splits["ood_val"]
+
     def aux_fit_dataloader(self) -> DataLoader:
         """Every auxiliary outlier (training and held-out part), **not augmented**, not shuffled, not sharded:
         for precomputing per-outlier training targets on every rank."""
@@ -84,8 +98,11 @@ class AuxiliaryOutliers:
 
     def aux_eval_dataloader(self) -> DataLoader:
         """Auxiliary outliers (targets ``-1``), **not augmented**, in order, each scored once under DDP: the
-        OOD side of the detector search (``DetectorSearch``), never a test set. The held-out part
-        (``aux_val_fraction > 0``) when there is one, so a method trained on outliers is not searched on
-        the outliers it saw; else every outlier."""
+        OOD side of the detector search (``DetectorSearch``), never a test set. The benchmark's OOD validation
+        set when there is one (``ood_val_set``, e.g. OpenOOD's ``val_tin``: how OpenOOD v1.5 chooses
+        hyperparameters); else the held-out part (``aux_val_fraction > 0``) when there is one, so a method
+        trained on outliers is not searched on the outliers it saw; else every outlier."""
+        if self.ood_val_set is not None:
+            return self._loaders.unpadded(self._dataset_for("ood_val"))
         held_out = self._dataset_for("aux_val")
         return self._loaders.unpadded(held_out if len(held_out) else self._dataset_for("aux_all"))
