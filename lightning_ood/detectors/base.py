@@ -127,6 +127,12 @@ class Detector(nn.Module):
         return self
 
     # -- scoring ---------------------------------------------------------------------------------------------
+    def begin_scoring(self, num_batches: int | float | None) -> None:
+        """Called on every rank before a pass that scores ``num_batches`` batches on this rank (``None`` or
+        ``inf``: unknown), after fitting. A detector whose fitted state is sharded over the ranks scores with
+        collectives and agrees here on their number (see :class:`~lightning_ood.detectors.KNN`); the default
+        does nothing."""
+
     def score(self, batch: DetectorInputs) -> Tensor:
         """Return ``[B]`` OOD scores, higher = more OOD."""
         raise NotImplementedError

@@ -68,6 +68,8 @@ def _score_pass(
     """Every candidate's scores over ``batches`` from one forward pass per batch, gathered over ranks."""
     scores: list[list[Tensor]] = [[] for _ in candidates]
     total = len(batches) if hasattr(batches, "__len__") else None
+    for det in candidates:
+        det.begin_scoring(total)  # a sharded KNN bank agrees on its collective rounds
     with torch.inference_mode(False), torch.no_grad():
         for batch in tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True):
             inputs, _ = describe(batch)
