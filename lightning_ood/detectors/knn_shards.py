@@ -99,7 +99,7 @@ class ShardedRounds:
         start = sum(sizes[:rank])
         # The shards' top-k lists of every query; each rank keeps those of its own queries.
         lists = _all_gather_padded_full(top)  # [W, Q, k]
-        mine = lists[:, start : start + n].permute(1, 0, 2).reshape(n, -1)  # [B, W * k]
+        mine = lists[:, start : start + n].permute(1, 0, 2).reshape(n, len(sizes) * k)  # [B, W * k]
         kth = mine.topk(k, dim=1).values[:, -1]
         return kth.to(queries.dtype)
 

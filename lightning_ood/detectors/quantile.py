@@ -122,7 +122,9 @@ def _next_above(parts: Sequence[Tensor], chunk: int, value: float, device) -> fl
     return -float(all_reduce_max(torch.tensor([-low], dtype=torch.float64, device=device))[0])
 
 
-def distributed_percentile(parts: Sequence[Tensor], q: float, *, device: torch.device, **options: int) -> float:
+def distributed_percentile(
+    parts: Sequence[Tensor], q: float, *, device: torch.device, **options: int
+) -> float:
     """``np.percentile(all values, q)`` (``method="linear"``) of every rank's ``parts`` together, exactly.
 
     A collective every rank enters (a rank may hold no values). The two order statistics around rank
