@@ -135,6 +135,16 @@ class ReAct(Detector):
         self._rows: list[Tensor] = []
         self._keys: list[Tensor] = []
         self._generator: torch.Generator | None = None
+        self._followers: list[ReAct] = []  # detectors whose threshold this one's finalize also sets
+
+    def fit_state_key(self) -> str | None:
+        """Every fitted ReAct with the same subsampling keeps the same activations, whatever its percentile."""
+        if type(self) is not ReAct or not self.needs_fit:
+            return None
+        return f"ReAct(max_samples={self.max_samples}, seed={self.seed})"
+
+    def share_fit_with(self, followers: list[Detector]) -> None:
+        self._followers = [det for det in followers if isinstance(det, ReAct)]
 
     def extra_repr(self) -> str:
         return (
@@ -185,7 +195,15 @@ class ReAct(Detector):
                 raise RuntimeError(
                     f"detector {self.name!r}: no ID training features on any rank (every fit batch was empty)"
                 )
-            self.threshold_.fill_(distributed_percentile([local], self.percentile, device=local.device))
+            followers, self._followers = self._followers, []
+            thresholds: dict[float, float] = {}
+            for det in (self, *followers):
+                if det.percentile not in thresholds:
+                    thresholds[det.percentile] = distributed_percentile(
+                        [local], det.percentile, device=local.device
+                    )
+                det.threshold_.fill_(thresholds[det.percentile])
+                det._fitted.fill_(True)
         super().finalize()
 
     def _global_subset(self, local: Tensor) -> Tensor:

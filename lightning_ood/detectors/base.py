@@ -95,6 +95,18 @@ class Detector(nn.Module):
         """Reduce statistics across ranks and compute the fitted state."""
         self._fitted.fill_(True)
 
+    # -- one fit state for several detectors (the detector search's candidates) ---------------------------------
+    def fit_state_key(self) -> str | None:
+        """Detectors with the same key (not ``None``) accumulate the same fit state (e.g. one KNN bank for every
+        ``k``): one of them can fit the others from it (:meth:`share_fit_with`). Default: ``None``, no sharing."""
+        return None
+
+    def share_fit_with(self, followers: list[Detector]) -> None:
+        """Before a fit pass: this detector's :meth:`finalize` also fits ``followers`` (the same
+        :meth:`fit_state_key`; they get no :meth:`update`), from its own accumulated state. Only detectors
+        with a key implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no fit state to share")
+
     def fit(
         self,
         *,

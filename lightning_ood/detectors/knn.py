@@ -138,6 +138,7 @@ class KNN(Detector):
         self._parts: list[Tensor] = []
         self._search: FaissSearch | None = None
         self._rounds: ShardedRounds | None = None  # set by a sharded DDP fit
+        self._followers: list[KNN] = []  # detectors that take this one's bank when it finalizes
         self.bank_index = torch.empty(0, dtype=torch.long)  # the dataset index of each local bank row
 
     def extra_repr(self) -> str:
@@ -198,11 +199,35 @@ class KNN(Detector):
             rows, index = all_gather_cat(rows), all_gather_cat(index)
         self.bank = rows.to(_BANK_DTYPES[self.bank_dtype]).contiguous()
         self.bank_index = index
-        self._rounds = ShardedRounds(rows.shape[1], rows.device, self.name) if world > 1 else None
-        if self.bank_placement == "replicated":
-            self._rounds = None
+        sharded = world > 1 and self.bank_placement == "sharded"
+        self._rounds = ShardedRounds(rows.shape[1], rows.device, self.name) if sharded else None
         self._build_index()
         super().finalize()
+        followers, self._followers = self._followers, []
+        for det in followers:
+            det._adopt_bank(self, total)
+
+    def fit_state_key(self) -> str | None:
+        """Every plain KNN with the same bank settings keeps the same bank, whatever its ``k`` or index."""
+        if type(self) is not KNN:  # a subclass may choose other rows
+            return None
+        return f"KNN(bank_dtype={self.bank_dtype}, bank_fraction={self.bank_fraction}, seed={self.seed}, " + (
+            f"bank_placement={self.bank_placement})"
+        )
+
+    def share_fit_with(self, followers: list[Detector]) -> None:
+        self._followers = [det for det in followers if isinstance(det, KNN)]
+
+    def _adopt_bank(self, leader: KNN, total: int) -> None:
+        """Fitted from ``leader``'s bank (the same tensor, not a copy), with this detector's ``k`` and index."""
+        if total < self.k:
+            raise ValueError(f"KNN k={self.k} exceeds the bank size {total}")
+        self.bank, self.bank_index = leader.bank, leader.bank_index
+        self._rounds = (
+            None if leader._rounds is None else ShardedRounds(self.bank.shape[1], self.bank.device, self.name)
+        )
+        self._build_index()
+        self._fitted.fill_(True)
 
     def _build_index(self) -> None:
         """Build the faiss index (if any) of this rank's bank; keep it as bytes unless it is a shard's, or flat
