@@ -105,3 +105,25 @@ def test_faiss_index_is_kept_with_the_fitted_state() -> None:
     fresh.load_state_dict(state)
     batch = DetectorInputs(logits=None, features=test)
     torch.testing.assert_close(fresh(batch), det(batch), rtol=0, atol=0)
+
+
+def test_shared_storage_check_names_the_setting(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from lightning_ood.callbacks.shared_storage import PLACEHOLDER, SharedStorageCheck
+
+    strategy = SimpleNamespace(broadcast=lambda x: x, barrier=lambda name=None: None)
+
+    def trainer(root: str, nodes: int, save_dir: str | None = None):
+        loggers = [SimpleNamespace(save_dir=save_dir)] if save_dir else []
+        return SimpleNamespace(default_root_dir=root, num_nodes=nodes, loggers=loggers, ckpt_path=None,
+                               strategy=strategy, is_global_zero=True)  # fmt: skip
+
+    check = SharedStorageCheck()
+    with pytest.raises(ValueError, match=r"trainer.default_root_dir is still the placeholder"):
+        check.setup(trainer(PLACEHOLDER, 1), None, "test")
+    with pytest.raises(ValueError, match=r"trainer.logger\[0\].init_args.save_dir = 'logs' is relative"):
+        check.setup(trainer(str(tmp_path), 2, "logs"), None, "test")
+    check.setup(trainer("logs", 1), None, "test")  # one node: relative paths are fine
+    check.setup(trainer(str(tmp_path / "out"), 2, str(tmp_path)), None, "test")  # shared: seen by every rank
+    assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())  # the token is removed
