@@ -89,7 +89,7 @@ def _my_rows(n: int, rank: int, world: int, batch: int, means: torch.Tensor):
         size += len(pending_x[-1])
         while size >= batch or (b == -(-n // BLOCK) - 1 and size):
             xs, ys = torch.cat(pending_x), torch.cat(pending_y)
-            yield xs[:batch], ys[:batch]
+            yield xs[:batch].clone(), ys[:batch].clone()  # a fresh tensor per batch, as a network's output
             pending_x, pending_y, size = [xs[batch:]], [ys[batch:]], len(xs) - min(batch, len(xs))
 
 

@@ -187,11 +187,16 @@ class ReAct(Detector):
         """
         if self.needs_fit:
             device = self.threshold_.device
-            local = agree_layout(torch.cat(self._rows) if self._rows else None, device=device, who=self.name)
+            # Agree on D and the dtype from an empty slice: the kept batches are not concatenated (no 2x copy).
+            like = agree_layout(self._rows[0][:0] if self._rows else None, device=device, who=self.name)
+            parts = [rows.to(like.dtype) for rows in self._rows] or [like]
             if self.max_samples is not None:
-                local = self._global_subset(local)
+                parts = [self._global_subset(torch.cat(parts))]
             self._rows, self._keys = [], []
-            if int(all_reduce_sum(torch.tensor([local.numel()], device=local.device)).item()) == 0:
+            held = int(
+                all_reduce_sum(torch.tensor([sum(p.numel() for p in parts)], device=like.device)).item()
+            )
+            if held == 0:
                 raise RuntimeError(
                     f"detector {self.name!r}: no ID training features on any rank (every fit batch was empty)"
                 )
@@ -200,7 +205,7 @@ class ReAct(Detector):
             for det in (self, *followers):
                 if det.percentile not in thresholds:
                     thresholds[det.percentile] = distributed_percentile(
-                        [local], det.percentile, device=local.device
+                        parts, det.percentile, device=like.device
                     )
                 det.threshold_.fill_(thresholds[det.percentile])
                 det._fitted.fill_(True)
