@@ -2,8 +2,8 @@
 merged across ranks, also with a bank subset, a replicated bank and a 1-process fit loaded from the cache),
 ReAct (exact distributed percentile) and the linear probe (data-parallel training); on an interleaved split
 (the fit loader's) and on one where a rank gets no fit batch, in float32 and float64. The ranks score different
-numbers of test batches (3, 1 and none), which must not hang the sharded KNN's collective rounds. With no data
-on any rank every rank raises."""
+numbers of test batches (3, 1 and none), which must not hang the sharded KNN's collective rounds. HeatmapOOD's
+sharded target pass is put back in dataset order. With no data on any rank every rank raises."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from ddp_helpers import run_ddp  # tests/ddp_helpers.py
 
 from lightning_ood.detectors import KNN, DetectorInputs, LinearProbe, ReAct
+from lightning_ood.methods.heatmap_targets import Described, gather_described
 
 N, D, WORLD = 101, 12, 3
 QUERY_BATCHES = {0: [(0, 3), (3, 6), (6, 9)], 1: [(9, 15)], 2: []}  # rank -> test rows it scores, per batch
@@ -88,6 +89,13 @@ def _fit_worker(rank: int, cached_state: dict) -> dict[str, dict[str, torch.Tens
     _, _, test, head = _data(torch.float32)
     results["cached"] = {"knn": _score(knn, test, head, batches), "rows": torch.tensor(len(knn.bank))}
     results["cached"]["saved_fitted"] = knn.state_dict()["_fitted"]  # a shard is not written as a fit
+    # HeatmapOOD's target pass: each rank describes its interleaved share; together again in dataset order.
+    rows = torch.arange(N)[rank::WORLD]
+    mine = Described(
+        rows[:, None].float().expand(-1, 3), rows[:, None].float(), [str(i).encode() for i in rows.tolist()]
+    )
+    together = gather_described(mine)
+    results["described"] = (together.features, together.logits, together.keys)
     return results
 
 
@@ -96,7 +104,7 @@ def test_sharded_fits_on_three_processes_equal_one_process() -> None:
     train, labels, test, head = _data(torch.float32)
     one = KNN(k=4, chunk_size=9)
     _fit(one, train, labels, head)
-    results = run_ddp(_fit_worker, one.state_dict(), world_size=WORLD, timeout=120)
+    results = run_ddp(_fit_worker, one.state_dict(), world_size=WORLD, timeout=300)
     exact = ("knn", "knn_subset", "knn_replicated", "react", "react_threshold", "react_cap_above_n")
     exact += ("react_cap_above_n_threshold",)
     for dtype in (torch.float32, torch.float64):
@@ -119,6 +127,9 @@ def test_sharded_fits_on_three_processes_equal_one_process() -> None:
         cached = ddp["cached"]
         torch.testing.assert_close(cached["knn"], single_knn(test, head, rank), rtol=0, atol=1e-6)
         assert int(cached["rows"]) == len(range(rank, N, WORLD)) and not bool(cached["saved_fitted"])
+        features, logits, keys = ddp["described"]
+        assert torch.equal(logits[:, 0], torch.arange(N).float()) and features.shape == (N, 3)
+        assert keys == [str(i).encode() for i in range(N)]
 
 
 def _span(rank: int) -> tuple[int, int]:
