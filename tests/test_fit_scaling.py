@@ -127,3 +127,13 @@ def test_shared_storage_check_names_the_setting(tmp_path) -> None:
     check.setup(trainer("logs", 1), None, "test")  # one node: relative paths are fine
     check.setup(trainer(str(tmp_path / "out"), 2, str(tmp_path)), None, "test")  # shared: seen by every rank
     assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())  # the token is removed
+
+
+def test_a_knn_state_saved_without_a_faiss_index_still_loads() -> None:
+    gen = torch.Generator().manual_seed(3)
+    det = KNN(k=2).fit(features=torch.randn(20, 5, generator=gen))
+    state = {k: v for k, v in det.state_dict().items() if k != "faiss_index"}  # a fit cache from before
+    fresh = KNN(k=2)
+    fresh.load_state_dict(state)
+    batch = DetectorInputs(logits=None, features=torch.randn(3, 5, generator=gen))
+    assert torch.equal(fresh(batch), det(batch))
