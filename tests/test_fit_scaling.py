@@ -77,10 +77,10 @@ def test_search_candidates_share_one_fit_state_and_score_as_alone() -> None:
 def test_per_class_mahalanobis_fails_early_with_the_numbers() -> None:
     assert per_class_bytes(1000, 2048)[0] == 1000 * 2048 * 2048 * 8  # 34 GB kept
     feats, targets = torch.randn(30, 64), torch.arange(30) % 3
-    det = Mahalanobis(covariance="per_class", memory_limit_gb=1e-4)  # 100 kB < 5 x 3 x 64^2 x 8 B = 491 kB
+    det = Mahalanobis(covariance="per_class", memory_limit_gb=1e-4)  # 100 kB < 6 x 3 x 64^2 x 8 B = 590 kB
     with pytest.raises(MemoryError, match="C=3 classes of D=64") as err:
         det.fit(features=feats, targets=targets)
-    assert "covariance='tied'" in str(err.value) and "0.000492 GB" in str(err.value)
+    assert "covariance='tied'" in str(err.value) and "0.00059 GB" in str(err.value)
     with pytest.warns(UserWarning, match="covariance='tied'"):
         Mahalanobis(covariance="per_class", memory_limit_gb=7e-4).fit(features=feats, targets=targets)
     Mahalanobis(memory_limit_gb=1e-9).fit(features=feats, targets=targets)  # tied: no guard needed

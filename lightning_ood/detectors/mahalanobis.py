@@ -45,7 +45,7 @@ class Mahalanobis(MomentDetector):
       with fewer samples than dimensions has a singular covariance; the ridge keeps its inverse finite (and
       large off the class's affine hull); a class with zero variance (a single sample) takes the pooled
       covariance's ``trace / D`` as its ridge unit, and is an error with ``ridge=0``. Memory: ``8 C D^2`` bytes
-      kept (8.4 GB at C = 1000, D = 1024; 34 GB at D = 2048), about 5x that at the fit's peak: when the fit
+      kept (8.4 GB at C = 1000, D = 1024; 34 GB at D = 2048), about 6x that at the fit's peak: when the fit
       starts (the first batch gives ``C`` and ``D``) this estimate is checked against the memory free on the
       features' device (or ``memory_limit_gb``) and the fit fails at once with the numbers, or warns above
       half of it (:mod:`~lightning_ood.detectors.memory_guard`).

@@ -1,7 +1,7 @@
 """A memory estimate for per-class Gaussian statistics, checked when a fit starts, before anything is allocated.
 
 ``Mahalanobis(covariance="per_class")`` (OODformer's default) keeps a ``[C, D, D]`` float64 tensor: 8.4 GB at
-C = 1000, D = 1024, 34 GB at D = 2048. Its fit peaks at about :data:`FIT_PEAK_FACTOR` times that (the per-class
+C = 1000, D = 1024, 34 GB at D = 2048. Its fit peaks at about :data:`FIT_PEAK_FACTOR` (6) times that (the per-class
 second moments, their re-centring terms, the scatter matrices, and the eigendecomposition's eigenvectors and
 whiteners), so a fit that cannot fit in memory would otherwise fail (or swap) after a full pass over the data.
 """
@@ -14,8 +14,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 #: Peak memory of a per-class fit, in units of one ``[C, D, D]`` float64 tensor (accumulator, re-centring
-#: term, scatter, covariance, eigenvectors / whitener), measured on CPU by benchmarks/fit_memory_ddp.py.
-FIT_PEAK_FACTOR = 5
+#: terms, scatter, covariance, eigenvectors / whitener): 6.1x measured on CPU at C = 10, D = 2048 by
+#: benchmarks/fit_memory_ddp.py (docs/benchmarks.md, section 9).
+FIT_PEAK_FACTOR = 6
 
 
 def per_class_bytes(classes: int, dim: int) -> tuple[int, int]:
