@@ -92,3 +92,23 @@ def test_crop_sources_redraw_flat_crops() -> None:
     assert all(crop.min() < crop.max() for crop in crops)
     with pytest.raises(ValueError, match=r"image 0 of 1 .*flat"):
         sources.random_crops([np.zeros((16, 16, 1), dtype=np.uint8)], 1, crop_size=8, scale=(0.5, 1), seed=0)
+
+
+def test_file_digests_are_parallel_once_and_keyed_by_the_file(tmp_path: Path, monkeypatch) -> None:
+    from lightning_ood.data import disjoint
+    from lightning_ood.data.datasets import LazyImages
+
+    files = []
+    for i, image in enumerate(_images(6, 4, size=8)):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(image[0].numpy()).save(files[-1])
+    lazy = LazyImages(files, channels=1, size=8)
+    expected = [disjoint._digest(lazy[i].numpy()) for i in range(len(lazy))]  # one at a time, no cache
+    decoded = []
+    original = LazyImages.__getitem__
+    monkeypatch.setattr(LazyImages, "__getitem__", lambda self, i: decoded.append(i) or original(self, i))
+    assert disjoint.image_digests(lazy, workers=3) == expected and sorted(decoded) == list(range(6))
+    assert disjoint.image_digests(LazyImages(files, channels=1, size=8)) == expected and len(decoded) == 6
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(files[2])  # a changed file is hashed again
+    again = disjoint.image_digests(lazy)
+    assert decoded[6:] == [2] and again[2] != expected[2] and again[:2] == expected[:2]

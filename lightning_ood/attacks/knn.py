@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from lightning_ood.detectors.knn import KNN
-from lightning_ood.distributed import distributed_world, gathered_order
 
 
 class KNNWithoutTargets(KNN):
@@ -20,7 +19,8 @@ class KNNWithoutTargets(KNN):
     trivially. Adaloglou et al. (TMLR 2024, Sec. 5) therefore also score with the targets removed from the bank
     (the ID test images are scored against the same reduced bank). Scores as ``KNN``: ``-cos_(k)``, higher = more
     OOD. The rows to drop are read from ``datamodule.test_set_builders`` when testing starts (after the attacked
-    sets are built); the bank's rows follow the fit loader's rank-order gather, so DDP fits drop the same images.
+    sets are built); each rank drops them from its share of the bank by dataset index, so DDP fits drop the
+    same images.
 
     Args: as :class:`~lightning_ood.detectors.KNN`; ``name`` defaults to ``"knn_without_targets"``.
     """
@@ -47,14 +47,8 @@ class KNNWithoutTargets(KNN):
         digest = hashlib.sha1(self.excluded.tobytes()).hexdigest()[:12]
         return f"{super().extra_repr()}, excluded={len(self.excluded)} rows ({digest})"
 
-    def finalize(self) -> None:
-        """Build the bank as ``KNN`` does, then drop the excluded ID-train images' rows."""
-        super().finalize()
-        _, world = distributed_world()
-        order = gathered_order(self.bank.shape[0], world)  # dataset index of each bank row
-        keep = torch.from_numpy(~np.isin(order, self.excluded)).to(self.bank.device)
-        self.bank = self.bank[keep].contiguous()
-        if self.bank.shape[0] < self.k:
-            raise ValueError(
-                f"{self.name}: k={self.k} exceeds the bank size {self.bank.shape[0]} without the targets"
-            )
+    def select_rows(self, rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``KNN``'s rows without the excluded ID-train images (by dataset index, on each rank's share)."""
+        rows, index = super().select_rows(rows, index)
+        keep = torch.from_numpy(~np.isin(index.cpu().numpy(), self.excluded)).to(index.device)
+        return rows[keep], index[keep]

@@ -12,8 +12,9 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_ood.detectors.base import Detector, DetectorInputs, all_gather_cat
-from lightning_ood.detectors.gather import gather_rows
+from lightning_ood.detectors.base import Detector, DetectorInputs, all_gather_cat, all_reduce_sum
+from lightning_ood.detectors.gather import agree_layout
+from lightning_ood.detectors.quantile import distributed_percentile
 from lightning_ood.precision import at_least_float32, compute_dtype
 
 
@@ -53,7 +54,9 @@ def percentile_linear(values: Tensor, q: float) -> float:
     """The ``q``-th percentile of all elements of ``values``, as ``np.percentile(values, q)`` computes it
     (``method="linear"``: interpolate between the two order statistics around rank ``q/100 * (M - 1)``).
 
-    Uses two ``kthvalue`` selections (O(M) time, no sort, no size limit unlike ``torch.quantile``).
+    Uses two ``kthvalue`` selections (O(M) time, no sort, no size limit unlike ``torch.quantile``). One
+    process, all values in one tensor; ReAct uses :func:`~lightning_ood.detectors.quantile.distributed_percentile`
+    (the same value, over ranks).
     """
     flat = values.flatten()
     m = flat.numel()
@@ -77,12 +80,14 @@ class ReAct(Detector):
     network's head, score ``-T * logsumexp(z / T)``. Higher = more OOD.
 
     ``c`` is the ``percentile``-th percentile of *all* ``N * D`` feature values of the ID training set (the
-    paper's rule), computed exactly like ``np.percentile`` (linear interpolation): fitting keeps the features
-    (float32, or float64 for float64 features: ``N * D * 4`` bytes on their device, e.g. 100 MB for
-    50k x 512) until ``finalize``, which gathers them across ranks first (a rank that got no fit batch
-    sends none), so a DDP fit gives exactly the one-process threshold. No one-pass exact
-    method with less memory exists; for huge ``N`` set ``max_samples`` to keep a uniform random subset of that
-    many training rows (bottom-k sampling with seeded random keys, also merged across ranks). That threshold
+    paper's rule), computed exactly like ``np.percentile`` (linear interpolation). Fitting keeps this rank's
+    features (float32, or float64 for float64 features: ``N * D * 4 / W`` bytes on their device with ``W``
+    ranks, e.g. 100 MB for 50k x 512 on one process, 1.3 GB per GPU for ImageNet-1K with ResNet-50 on 8) until
+    ``finalize``, which computes the percentile of every rank's values together without gathering them
+    (:func:`~lightning_ood.detectors.quantile.distributed_percentile`: histogram all-reduces refined to the
+    exact order statistics), so a DDP fit gives exactly the one-process threshold (error 0). For huge ``N``
+    set ``max_samples`` to keep a uniform random subset of that many training rows (bottom-k sampling with
+    seeded random keys; only the keys are gathered across ranks). That threshold
     is then an estimate whose value depends on the seed, data order and world size; its rank error is about
     ``sqrt(p (1 - p) / (max_samples * D))`` in quantile units (at 10k rows x 512: ~2e-4, ignoring the
     correlation of values within a row).
@@ -130,6 +135,16 @@ class ReAct(Detector):
         self._rows: list[Tensor] = []
         self._keys: list[Tensor] = []
         self._generator: torch.Generator | None = None
+        self._followers: list[ReAct] = []  # detectors whose threshold this one's finalize also sets
+
+    def fit_state_key(self) -> str | None:
+        """Every fitted ReAct with the same subsampling keeps the same activations, whatever its percentile."""
+        if type(self) is not ReAct or not self.needs_fit:
+            return None
+        return f"ReAct(max_samples={self.max_samples}, seed={self.seed})"
+
+    def share_fit_with(self, followers: list[Detector]) -> None:
+        self._followers = [det for det in followers if isinstance(det, ReAct)]
 
     def extra_repr(self) -> str:
         return (
@@ -165,29 +180,49 @@ class ReAct(Detector):
         self._rows, self._keys = [rows], [keys]
 
     def finalize(self) -> None:
-        """Gather the kept rows of every rank and set ``threshold_`` to their ``percentile``.
+        """Set ``threshold_`` to the ``percentile`` of every rank's kept rows together (not gathered).
 
         A collective: every rank must call it, also one that got no fit batch (it contributes no rows). Raises
         on every rank when no rank saw any feature.
         """
         if self.needs_fit:
-            rows = self._gather()
+            device = self.threshold_.device
+            # Agree on D and the dtype from an empty slice: the kept batches are not concatenated (no 2x copy).
+            like = agree_layout(self._rows[0][:0] if self._rows else None, device=device, who=self.name)
+            parts = [rows.to(like.dtype) for rows in self._rows] or [like]
+            if self.max_samples is not None:
+                parts = [self._global_subset(torch.cat(parts))]
             self._rows, self._keys = [], []
-            self.threshold_.fill_(percentile_linear(rows, self.percentile))
+            held = int(
+                all_reduce_sum(torch.tensor([sum(p.numel() for p in parts)], device=like.device)).item()
+            )
+            if held == 0:
+                raise RuntimeError(
+                    f"detector {self.name!r}: no ID training features on any rank (every fit batch was empty)"
+                )
+            followers, self._followers = self._followers, []
+            thresholds: dict[float, float] = {}
+            for det in (self, *followers):
+                if det.percentile not in thresholds:
+                    thresholds[det.percentile] = distributed_percentile(
+                        parts, det.percentile, device=like.device
+                    )
+                det.threshold_.fill_(thresholds[det.percentile])
+                det._fitted.fill_(True)
         super().finalize()
 
-    def _gather(self) -> Tensor:
-        """Every rank's kept ``[n, D]`` rows; with ``max_samples``, the bottom-k of the union of their keys."""
-        device = self.threshold_.device
-        local = torch.cat(self._rows) if self._rows else None
-        if self.max_samples is None:
-            return gather_rows(local, device=device, who=self.name)
-        keys = torch.cat(self._keys) if self._keys else torch.empty(0, dtype=torch.float64, device=device)
-        if local is not None:
-            local, keys = _bottom_k(local, keys, self.max_samples)
-        rows = gather_rows(local, device=device, who=self.name)
-        keys = all_gather_cat(keys.to(rows.device))
-        return _bottom_k(rows, keys, self.max_samples)[0]
+    def _global_subset(self, local: Tensor) -> Tensor:
+        """This rank's rows among the ``max_samples`` rows with the smallest keys over all ranks (only the keys,
+        at most ``max_samples`` per rank, are gathered)."""
+        assert self.max_samples is not None
+        keys = torch.cat(self._keys) if self._keys else torch.empty(0, dtype=torch.float64)
+        keys = keys.to(local.device)
+        local, keys = _bottom_k(local, keys, self.max_samples)
+        every = all_gather_cat(keys)
+        if every.numel() <= self.max_samples:
+            return local
+        cut = every.kthvalue(self.max_samples).values  # iid continuous keys: no ties
+        return local[keys <= cut]
 
     def score(self, batch: DetectorInputs) -> Tensor:
         """``[B]`` energy of the logits of the clipped ``[B, D]`` features; higher = more OOD."""

@@ -95,6 +95,18 @@ class Detector(nn.Module):
         """Reduce statistics across ranks and compute the fitted state."""
         self._fitted.fill_(True)
 
+    # -- one fit state for several detectors (the detector search's candidates) ---------------------------------
+    def fit_state_key(self) -> str | None:
+        """Detectors with the same key (not ``None``) accumulate the same fit state (e.g. one KNN bank for every
+        ``k``): one of them can fit the others from it (:meth:`share_fit_with`). Default: ``None``, no sharing."""
+        return None
+
+    def share_fit_with(self, followers: list[Detector]) -> None:
+        """Before a fit pass: this detector's :meth:`finalize` also fits ``followers`` (the same
+        :meth:`fit_state_key`; they get no :meth:`update`), from its own accumulated state. Only detectors
+        with a key implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no fit state to share")
+
     def fit(
         self,
         *,
@@ -127,6 +139,12 @@ class Detector(nn.Module):
         return self
 
     # -- scoring ---------------------------------------------------------------------------------------------
+    def begin_scoring(self, num_batches: int | float | None) -> None:
+        """Called on every rank before a pass that scores ``num_batches`` batches on this rank (``None`` or
+        ``inf``: unknown), after fitting. A detector whose fitted state is sharded over the ranks scores with
+        collectives and agrees here on their number (see :class:`~lightning_ood.detectors.KNN`); the default
+        does nothing."""
+
     def score(self, batch: DetectorInputs) -> Tensor:
         """Return ``[B]`` OOD scores, higher = more OOD."""
         raise NotImplementedError

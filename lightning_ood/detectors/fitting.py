@@ -92,6 +92,10 @@ def load_cached(detectors: Sequence[Detector], ckpt_path: str | os.PathLike, key
             remaining.append(det)
             continue
         det.load_state_dict(entry["state"])
+        if (
+            not det.fitted
+        ):  # an entry that holds no complete fit (e.g. one rank's share of a sharded KNN bank)
+            remaining.append(det)
     return remaining
 
 

@@ -8,15 +8,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_ood.detectors.base import Detector, DetectorInputs
-from lightning_ood.detectors.gather import gather_rows
+from lightning_ood.detectors.base import Detector, DetectorInputs, all_gather_cat, all_reduce_sum
+from lightning_ood.detectors.gather import agree_layout, dataset_index, row_counts
 from lightning_ood.detectors.knn_index import (
     FaissSearch,
     check_index,
     index_kwargs,
     index_settings,
     subset_rows,
+    unknown_as_lowest,
 )
+from lightning_ood.detectors.knn_search import (  # re-exported: the exact searches live there
+    kth_largest_cosine,
+    nearest_euclidean,
+    topk_cosines,
+)
+from lightning_ood.detectors.knn_shards import ShardedRounds, pad_topk
+from lightning_ood.distributed import distributed_world
 from lightning_ood.precision import at_least_float32_dtype
 
 _BANK_DTYPES = {
@@ -25,6 +33,8 @@ _BANK_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+PLACEMENTS = ("sharded", "replicated")
+__all__ = ["KNN", "PLACEMENTS", "kth_largest_cosine", "nearest_euclidean", "normalize", "topk_cosines"]
 
 
 class KNN(Detector):
@@ -37,12 +47,21 @@ class KNN(Detector):
     Higher = more OOD; range ``[-1, 1]``. Ties are harmless: the k-th largest *value* is unique.
 
     Fitting keeps every normalised ID-train feature (the bank is not a sufficient statistic, so the float64
-    accumulation of the other fits does not apply: features are stored in ``bank_dtype``, float32 by default as faiss
-    does; until ``finalize`` they are kept as float32, or float64 for a float64 bank). ``finalize`` gathers
-    the per-rank banks once (:func:`~lightning_ood.detectors.gather.gather_rows`; a rank that got no fit
-    batch sends an empty ``[0, D]`` bank), so a DDP fit gives the same bank rows, in rank order, as a
-    one-process fit. Memory: ``N * D * itemsize`` bytes for the bank buffer (e.g. CIFAR-10 with ResNet-18
-    features: 50k x 512 x 4 B = 100 MB), on the features' device.
+    accumulation of the other fits does not apply: features are stored in ``bank_dtype``, float32 by default as
+    faiss does; until ``finalize`` they are kept as float32, or float64 for a float64 bank). Memory:
+    ``N * D * itemsize`` bytes for the bank (e.g. CIFAR-10 with ResNet-18 features: 50k x 512 x 4 B = 100 MB;
+    ImageNet-1K with ResNet-50: 1.28M x 2048 x 4 B = 10.5 GB), on the features' device.
+
+    Under DDP the bank is never gathered to every rank. With ``bank_placement="sharded"`` (default) each rank
+    keeps the rows of its own fit batches, ``N / W`` of them (1.3 GB per GPU for ImageNet-1K on 8 GPUs), and a
+    query's top-k is merged across ranks with one collective round per scored batch
+    (:mod:`~lightning_ood.detectors.knn_shards`; :meth:`begin_scoring` agrees on the number of rounds, so ranks
+    with fewer or no test batches never hang). ``"replicated"`` gathers the (subsampled) bank to every rank once
+    and scores without collectives: for banks that fit on every GPU. Both give the one-process scores (exact
+    search; the same rows; the top-k of a union is the top-k of the shards' top-k). ``bank_fraction``
+    subsamples before any communication. A sharded fit is not written to the fit cache (rank 0 holds only its
+    share; the fit pass runs again); a one-process fit, with its built IVF / HNSW index, is, and loads under
+    DDP by each rank keeping every ``W``-th row.
 
     Scoring is exact brute force, chunked over the bank with a running top-k merge: peak extra memory is
     ``B * (chunk_size + 2k)`` values (32 MB for B = 1024 at the default), never ``B x N`` nor ``B x B``.
@@ -60,15 +79,18 @@ class KNN(Detector):
         bank_fraction: keep a seeded random subset of this fraction of the ID-train features as the bank
             (Sun et al. use 1 % of ImageNet). Scoring cost and memory shrink by the same factor; the scores
             change (docs/benchmarks.md measures by how much). ``1.0`` (default): the whole training set.
-        seed: seed of the ``bank_fraction`` subset (the same on every rank: the subset is drawn after the
-            gather, so DDP and one process keep the same rows).
+        seed: seed of the ``bank_fraction`` subset. The subset is drawn over the dataset indices of the fit
+            rows (the fit loader's rank interleaving undone), each rank keeping its rows of it before any
+            communication, so DDP and one process keep the same images.
         index: ``"exact"`` (default: the chunked brute-force search above), or a faiss index built from the
-            bank at the first score (optional dependency ``faiss-cpu``; runs on CPU, float32):
-            ``"faiss_flat"`` (exact inner product), ``"faiss_ivf"`` (inverted lists: ``nlist`` k-means cells,
-            ``nprobe`` searched; approximate) or ``"faiss_hnsw"`` (graph with ``hnsw_m`` links and search
-            depth ``ef_search``; approximate). An approximate index can miss true neighbours, so its k-th
-            similarity is at most the exact one: a score is then higher (more OOD) than exact, never lower.
+            bank when fitting (optional dependency ``faiss-cpu``, or ``faiss-gpu``: on a GPU the flat and IVF
+            indexes search there; float32): ``"faiss_flat"`` (exact inner product), ``"faiss_ivf"`` (inverted
+            lists: ``nlist`` k-means cells, ``nprobe`` searched; approximate) or ``"faiss_hnsw"`` (graph with
+            ``hnsw_m`` links and search depth ``ef_search``; approximate). An approximate index can miss true
+            neighbours, so its k-th similarity is at most the exact one: a score is then higher (more OOD) than
+            exact, never lower. Under a sharded DDP fit each rank indexes its own share.
         nlist, nprobe, hnsw_m, ef_search: the faiss index settings (see ``index``).
+        bank_placement: ``"sharded"`` or ``"replicated"`` under DDP (see above; no effect in one process).
         name: log key; defaults to ``"knn"``.
     """
 
@@ -76,6 +98,7 @@ class KNN(Detector):
     needs_fit: ClassVar[bool] = True
 
     bank: Tensor
+    faiss_index: Tensor
 
     def __init__(
         self,
@@ -89,6 +112,7 @@ class KNN(Detector):
         nprobe: int = 16,
         hnsw_m: int = 32,
         ef_search: int = 128,
+        bank_placement: str = "sharded",
         name: str | None = None,
     ) -> None:
         if k < 1:
@@ -101,6 +125,8 @@ class KNN(Detector):
             raise ValueError(
                 f"KNN bank_fraction must be in (0, 1], e.g. 0.1 for a 10 % bank, got {bank_fraction}"
             )
+        if bank_placement not in PLACEMENTS:
+            raise ValueError(f"KNN bank_placement must be one of {list(PLACEMENTS)}, got {bank_placement!r}")
         check_index(index, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
         super().__init__(name)
         self.k = k
@@ -110,11 +136,19 @@ class KNN(Detector):
         self.seed = seed
         self.index = index
         self.nlist, self.nprobe, self.hnsw_m, self.ef_search = nlist, nprobe, hnsw_m, ef_search
+        self.bank_placement = bank_placement
         self.register_buffer("bank", torch.empty(0, dtype=_BANK_DTYPES[bank_dtype]))
+        # The built IVF / HNSW index of a one-process fit (faiss.serialize_index bytes), saved with the fit cache.
+        self.register_buffer("faiss_index", torch.empty(0, dtype=torch.uint8))
+        self.register_state_dict_post_hook(_no_shard_in_state)
         self._parts: list[Tensor] = []
         self._search: FaissSearch | None = None
+        self._rounds: ShardedRounds | None = None  # set by a sharded DDP fit
+        self._followers: list[KNN] = []  # detectors that take this one's bank when it finalizes
+        self.bank_index = torch.empty(0, dtype=torch.long)  # the dataset index of each local bank row
 
     def extra_repr(self) -> str:
+        # bank_placement is left out: it changes where rows live, not the scores.
         text = f"k={self.k}, chunk_size={self.chunk_size}, bank_dtype={self.bank_dtype!r}"
         # Options only when set, so the default's fingerprint (and the fit caches keyed by it) stays the same.
         if self.bank_fraction != 1.0:
@@ -123,46 +157,145 @@ class KNN(Detector):
             text += f", index={self.index!r}, " + index_settings(self)
         return text
 
+    @property
+    def sharded(self) -> bool:
+        """Whether this rank holds only its share of the bank (a sharded fit on more than one process)."""
+        return self._rounds is not None
+
     def reset(self) -> None:
         super().reset()
-        self._parts = []
-        self._search = None
+        self._parts, self._search, self._rounds = [], None, None
         self.bank = self.bank.new_empty(0)  # free the old bank before a refit
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._search = None  # a new bank: the faiss index is rebuilt from it at the next score
-        super()._load_from_state_dict(*args, **kwargs)
+        self.faiss_index = self.faiss_index.new_empty(0)
 
     def update(self, batch: DetectorInputs, targets: Tensor) -> None:
         """Append the L2-normalised ``[B, D]`` features of one ID-train batch to this rank's bank."""
         part_dtype = at_least_float32_dtype(_BANK_DTYPES[self.bank_dtype])
         self._parts.append(normalize(batch.features).to(part_dtype))
 
+    def select_rows(self, rows: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's bank rows ``[n, D]`` and their dataset indices ``[n]`` to keep (before any gather):
+        the ``bank_fraction`` subset. Subclasses may drop more rows."""
+        if self.bank_fraction == 1:
+            return rows, index
+        total = int(all_reduce_sum(torch.tensor([len(index)], device=index.device)).item())
+        keep = torch.isin(index, subset_rows(total, self.bank_fraction, self.seed).to(index.device))
+        return rows[keep], index[keep]
+
     def finalize(self) -> None:
-        """Concatenate this rank's features, gather every rank's (uneven sizes allowed) and store the bank.
+        """Keep this rank's (subsampled) rows as its bank share, or gather them with ``"replicated"``.
 
         A collective: every rank must call it, also one that got no fit batch (it contributes no rows). Raises
-        on every rank when no rank saw any feature.
+        on every rank when no rank saw any feature, or when the bank has fewer than ``k`` rows.
         """
         local = torch.cat(self._parts) if self._parts else None
         self._parts = []
-        bank = gather_rows(local, device=self.bank.device, who=self.name)
-        if self.bank_fraction < 1:
-            bank = bank[subset_rows(len(bank), self.bank_fraction, self.seed).to(bank.device)]
-        self.bank = bank.to(_BANK_DTYPES[self.bank_dtype]).contiguous()
-        self._search = None
-        if self.bank.shape[0] < self.k:
-            raise ValueError(f"KNN k={self.k} exceeds the bank size {self.bank.shape[0]}")
+        rows = agree_layout(local, device=self.bank.device, who=self.name)
+        counts = row_counts(len(rows), rows.device)
+        if sum(counts) == 0:
+            raise RuntimeError(
+                f"detector {self.name!r}: no ID training features on any rank (every fit batch was empty)"
+            )
+        rows, index = self.select_rows(rows, dataset_index(counts, rows.device))
+        _, world = distributed_world()
+        total = int(all_reduce_sum(torch.tensor([len(rows)], device=rows.device)).item())
+        if total < self.k:
+            raise ValueError(f"KNN k={self.k} exceeds the bank size {total}")
+        if world > 1 and self.bank_placement == "replicated":
+            rows, index = all_gather_cat(rows), all_gather_cat(index)
+        self.bank = rows.to(_BANK_DTYPES[self.bank_dtype]).contiguous()
+        self.bank_index = index
+        sharded = world > 1 and self.bank_placement == "sharded"
+        self._rounds = ShardedRounds(rows.shape[1], rows.device, self.name) if sharded else None
+        self._build_index()
         super().finalize()
+        followers, self._followers = self._followers, []
+        for det in followers:
+            det._adopt_bank(self, total)
+
+    def fit_state_key(self) -> str | None:
+        """Every plain KNN with the same bank settings keeps the same bank, whatever its ``k`` or index."""
+        if type(self) is not KNN:  # a subclass may choose other rows
+            return None
+        return f"KNN(bank_dtype={self.bank_dtype}, bank_fraction={self.bank_fraction}, seed={self.seed}, " + (
+            f"bank_placement={self.bank_placement})"
+        )
+
+    def share_fit_with(self, followers: list[Detector]) -> None:
+        self._followers = [det for det in followers if isinstance(det, KNN)]
+
+    def _adopt_bank(self, leader: KNN, total: int) -> None:
+        """Fitted from ``leader``'s bank (the same tensor, not a copy), with this detector's ``k`` and index."""
+        if total < self.k:
+            raise ValueError(f"KNN k={self.k} exceeds the bank size {total}")
+        self.bank, self.bank_index = leader.bank, leader.bank_index
+        self._rounds = (
+            None if leader._rounds is None else ShardedRounds(self.bank.shape[1], self.bank.device, self.name)
+        )
+        self._build_index()
+        self._fitted.fill_(True)
+
+    def _build_index(self) -> None:
+        """Build the faiss index (if any) of this rank's bank; keep it as bytes unless it is a shard's, or flat
+        (which rebuilds from the bank as fast as it loads)."""
+        self._search = None
+        self.faiss_index = self.faiss_index.new_empty(0)
+        if self.index == "exact":
+            return
+        self._search = FaissSearch(self.bank, self.index, **index_kwargs(self))
+        if not self.sharded and self.index != "faiss_flat":
+            self.faiss_index = self._search.serialized()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        self._search, self._rounds = None, None  # a new bank: its index is loaded or rebuilt
+        # A state (a fit cache) written before the faiss index was kept has none: the index is rebuilt.
+        state_dict.setdefault(prefix + "faiss_index", torch.empty(0, dtype=torch.uint8))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.bank_index = torch.arange(len(self.bank))
+        rank, world = distributed_world()
+        if world > 1 and self.bank_placement == "sharded" and self.fitted:
+            # A one-process fit (the fit cache) loaded under DDP: every rank keeps its every-W-th share.
+            self.bank = self.bank[rank::world].contiguous()
+            self.bank_index = self.bank_index[rank::world]
+            self._rounds = ShardedRounds(self.bank.shape[1], self.bank.device, self.name)
+            self.faiss_index = self.faiss_index.new_empty(0)
+
+    def _faiss(self) -> FaissSearch:
+        if self._search is None:
+            if self.faiss_index.numel():
+                self._search = FaissSearch.load(self.faiss_index, self.bank.device)
+            else:
+                self._search = FaissSearch(self.bank, self.index, **index_kwargs(self))
+        return self._search
+
+    def _local_topk(self, queries: Tensor, k: int) -> Tensor:
+        """``[Q, k]`` the k largest similarities of ``queries`` in this rank's bank (``-inf`` padded)."""
+        if self.index != "exact":
+            return self._faiss().topk(queries, k)
+        return pad_topk(topk_cosines(queries, self.bank, k, self.chunk_size), k)
+
+    def begin_scoring(self, num_batches: int | float | None) -> None:
+        """A sharded bank: agree with the other ranks on the rounds of the coming pass (a collective)."""
+        if self._rounds is not None:
+            self._rounds.begin(num_batches, self._local_topk, self.k)
 
     def score(self, batch: DetectorInputs) -> Tensor:
         """``[B]`` scores ``-cos_(k)`` for ``batch.features`` of shape ``[B, D]``; higher = more OOD."""
         queries = normalize(batch.features)
+        if self._rounds is not None:
+            return -unknown_as_lowest(self._rounds.kth(queries, self._local_topk, self.k))
         if self.index == "exact":
             return -kth_largest_cosine(queries, self.bank, self.k, self.chunk_size)
-        if self._search is None:
-            self._search = FaissSearch(self.bank, self.index, **index_kwargs(self))
-        return -self._search.kth_largest(queries, self.k)
+        return -self._faiss().kth_largest(queries, self.k)
+
+
+def _no_shard_in_state(module: KNN, state: dict, prefix: str, local_metadata: dict) -> None:
+    """A sharded bank is one rank's share, not the fit: its state dict (the fit cache) says "not fitted", so a
+    later run fits again instead of scoring against a part of the bank."""
+    if module.sharded:
+        state[prefix + "_fitted"] = torch.tensor(False)
+        state[prefix + "bank"] = module.bank.new_empty(0)
+        state[prefix + "faiss_index"] = module.faiss_index.new_empty(0)
 
 
 def normalize(features: Tensor | None) -> Tensor:
@@ -172,83 +305,3 @@ def normalize(features: Tensor | None) -> Tensor:
         raise ValueError("KNN needs `features`")
     out_dtype = at_least_float32_dtype(features.dtype)
     return F.normalize(features.detach().double().flatten(1), dim=1).to(out_dtype)
-
-
-def kth_largest_cosine(queries: Tensor, bank: Tensor, k: int, chunk_size: int) -> Tensor:
-    """The k-th largest of ``queries @ bank.T`` per row, computed chunk by chunk over the bank.
-
-    Args:
-        queries: ``[B, D]`` float32 or float64 unit rows; the similarities are computed in their dtype.
-        bank: ``[N, D]`` unit rows, any float dtype (cast to ``queries.dtype`` one chunk at a time).
-        k: ``1 <= k <= N``.
-        chunk_size: bank rows per chunk; peak extra memory is ``B * (chunk_size + 2k)`` values.
-
-    Returns:
-        ``[B]`` the k-th largest similarity of each query (exact, ties included).
-    """
-    if bank.shape[0] < k:
-        raise ValueError(f"k={k} exceeds the bank size {bank.shape[0]}")
-    bank = bank.to(queries.device)
-    rows = min(chunk_size, bank.shape[0])
-    if k == 1:
-        return _largest_cosine(queries, bank, rows)
-    # One reused [B, chunk] buffer: a fresh 10-100 MB allocation per chunk costs page faults on CPU.
-    buf = queries.new_empty(queries.shape[0], rows)
-    best: Tensor | None = None  # [B, <=k] the largest similarities seen so far
-    for start in range(0, bank.shape[0], chunk_size):
-        chunk = bank[start : start + chunk_size].to(queries.dtype)
-        full = chunk.shape[0] == buf.shape[1]
-        sims = torch.mm(queries, chunk.T, out=buf) if full else queries @ chunk.T  # [B, c]
-        top = sims.topk(min(k, sims.shape[1]), dim=1, sorted=False).values
-        if best is not None:  # merge two small [B, <=k] sets
-            top = torch.cat([best, top], dim=1)
-            top = top.topk(min(k, top.shape[1]), dim=1, sorted=False).values
-        best = top
-    assert best is not None
-    return best.amin(dim=1)  # best holds exactly the k largest: its minimum is the k-th largest
-
-
-def _largest_cosine(queries: Tensor, bank: Tensor, rows: int) -> Tensor:
-    """k = 1: ``[B]`` the largest of ``queries @ bank.T`` per row. Products are bank-major (``[rows, B]``, reduced
-    over the bank rows, one reused buffer): on CPU they ran faster than ``[B, rows]`` products reduced along a
-    row (docs/benchmarks.md, section 8); the same values up to the float rounding of the product."""
-    transposed = queries.T.contiguous()  # [D, B]
-    buf = queries.new_empty(rows, queries.shape[0])
-    best: Tensor | None = None
-    for start in range(0, bank.shape[0], rows):
-        chunk = bank[start : start + rows].to(queries.dtype)
-        sims = torch.mm(chunk, transposed, out=buf) if chunk.shape[0] == rows else chunk @ transposed
-        top = sims.amax(dim=0)  # amax is much cheaper than topk
-        best = top if best is None else torch.maximum(best, top)
-    assert best is not None
-    return best
-
-
-def nearest_euclidean(queries: Tensor, bank: Tensor, chunk_size: int = 8192) -> Tensor:
-    """Row index of the Euclidean-nearest ``bank`` row of every query, exact, chunk by chunk over the bank.
-
-    Distances ``||q||^2 - 2 q.b + ||b||^2`` are computed in float64 (so the argmin is that of the exact distances
-    up to float64 rounding); ties go to the lowest index. Peak extra memory: ``B * chunk_size`` float64 values.
-
-    Args:
-        queries: ``[B, D]``.
-        bank: ``[N, D]``, ``N >= 1``, any float dtype and device (moved one chunk at a time to the queries').
-        chunk_size: bank rows per chunk.
-
-    Returns:
-        ``[B]`` long indices into ``bank``.
-    """
-    if bank.shape[0] == 0:
-        raise ValueError("nearest_euclidean needs a non-empty bank")
-    q = queries.detach().double()
-    q_sq = q.square().sum(dim=1, keepdim=True)
-    best = torch.full((len(q),), float("inf"), dtype=torch.float64, device=q.device)
-    index = torch.zeros(len(q), dtype=torch.long, device=q.device)
-    for start in range(0, bank.shape[0], chunk_size):
-        chunk = bank[start : start + chunk_size].to(q.device, torch.float64)
-        dist = q_sq - 2 * q @ chunk.T + chunk.square().sum(dim=1)  # [B, c]
-        value, where = dist.min(dim=1)
-        closer = value < best  # strict: an equal distance in a later chunk keeps the lower index
-        best = torch.where(closer, value, best)
-        index = torch.where(closer, where + start, index)
-    return index

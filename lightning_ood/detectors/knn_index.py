@@ -56,35 +56,78 @@ def _faiss() -> Any:
     return faiss
 
 
+def _to_gpu(faiss: Any, index: Any, device: torch.device) -> tuple[Any, Any]:
+    """``(index, resources)``: the index moved to ``device``'s GPU when faiss was built with GPU support and the
+    index kind has a GPU implementation (flat and IVF; HNSW has none), else unchanged with no resources."""
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return index, None
+    if not isinstance(index, faiss.IndexFlat | faiss.IndexIVFFlat):
+        return index, None
+    resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(resources, device.index or 0, index), resources
+
+
 class FaissSearch:
     """A faiss inner-product index over a bank of unit rows; :meth:`kth_largest` returns the k-th largest
-    cosine per query. faiss searches on CPU in float32: the bank and queries are copied there."""
+    cosine per query. faiss searches in float32: the bank and queries are copied to it. The index is built on
+    the CPU and, when the bank is on a GPU and faiss has GPU support (``faiss-gpu``), moved to that GPU (flat
+    and IVF indexes). :meth:`serialized` / ``FaissSearch.load`` store the built CPU index as bytes, so a fit
+    cache can keep it instead of rebuilding it (k-means for IVF, the graph for HNSW) at every run.
+    """
 
     def __init__(self, bank: Tensor, index: str, **settings: int) -> None:
         faiss = _faiss()
         data = np.ascontiguousarray(bank.detach().float().cpu().numpy())
         n, dim = data.shape
         if index == "faiss_flat":
-            self.index = faiss.IndexFlatIP(dim)
+            cpu = faiss.IndexFlatIP(dim)
         elif index == "faiss_ivf":
             nlist = min(settings["nlist"], n)
-            self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            self.index.train(data)
-            self.index.nprobe = min(settings["nprobe"], nlist)
+            cpu = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            cpu.train(data)
+            cpu.nprobe = min(settings["nprobe"], nlist)
         elif index == "faiss_hnsw":
-            self.index = faiss.IndexHNSWFlat(dim, settings["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efSearch = settings["ef_search"]
+            cpu = faiss.IndexHNSWFlat(dim, settings["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+            cpu.hnsw.efSearch = settings["ef_search"]
         else:
             raise ValueError(f"not a faiss index: {index!r}")
-        self.index.add(data)
-        self.size = n
+        cpu.add(data)
+        self._adopt(cpu, bank.device)
+
+    def _adopt(self, cpu: Any, device: torch.device) -> None:
+        self.cpu_index = cpu
+        self.index, self._resources = _to_gpu(_faiss(), cpu, device)
+        self.size = int(cpu.ntotal)
+
+    @classmethod
+    def load(cls, data: Tensor, device: torch.device) -> FaissSearch:
+        """The index stored by :meth:`serialized` (``data``: uint8 ``[bytes]``), on ``device`` as at build."""
+        faiss = _faiss()
+        search = cls.__new__(cls)
+        search._adopt(faiss.deserialize_index(np.ascontiguousarray(data.cpu().numpy())), device)
+        return search
+
+    def serialized(self) -> Tensor:
+        """The built CPU index as uint8 ``[bytes]`` (``faiss.serialize_index``)."""
+        return torch.from_numpy(np.array(_faiss().serialize_index(self.cpu_index), dtype=np.uint8))
+
+    def topk(self, queries: Tensor, k: int) -> Tensor:
+        """``[B, k]`` the ``k`` largest similarities found for each query (``-inf`` where the index returned
+        fewer than ``k``: a shard smaller than ``k``, or an approximate index), float64 on the queries' device."""
+        if self.size == 0:
+            return torch.full((len(queries), k), float("-inf"), dtype=torch.float64, device=queries.device)
+        sims, ids = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+        sims = np.where(ids < 0, -np.inf, sims.astype(np.float64))
+        return torch.from_numpy(sims).to(queries.device)
 
     def kth_largest(self, queries: Tensor, k: int) -> Tensor:
         """``[B]`` the k-th largest similarity found for each query, in the queries' dtype and device."""
         if k > self.size:
             raise ValueError(f"k={k} exceeds the bank size {self.size}")
-        sims, ids = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
-        # An approximate index may return fewer than k neighbours (id -1, similarity -inf or -3.4e38): the
-        # k-th similarity is then unknown; the lowest possible cosine, -1, is the conservative stand-in.
-        kth = np.where(ids[:, k - 1] < 0, -1.0, sims[:, k - 1])
-        return torch.from_numpy(kth.astype(np.float64)).to(device=queries.device, dtype=queries.dtype)
+        return unknown_as_lowest(self.topk(queries, k)[:, k - 1]).to(queries.dtype)
+
+
+def unknown_as_lowest(kth: Tensor) -> Tensor:
+    """An approximate index may return fewer than k neighbours: the k-th similarity is then unknown (``-inf``);
+    the lowest possible cosine, -1, is the conservative stand-in (the score is then the highest, most OOD)."""
+    return torch.where(torch.isneginf(kth), torch.full_like(kth, -1.0), kth)

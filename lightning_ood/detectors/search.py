@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lightning_ood.detectors.base import Detector
 from lightning_ood.detectors.fitting import Describe, fit_detectors
+from lightning_ood.detectors.shared_fit import share_fit_state
 from lightning_ood.distributed import all_gather_cat
 from lightning_ood.metrics import ood_metrics
 
@@ -68,6 +69,8 @@ def _score_pass(
     """Every candidate's scores over ``batches`` from one forward pass per batch, gathered over ranks."""
     scores: list[list[Tensor]] = [[] for _ in candidates]
     total = len(batches) if hasattr(batches, "__len__") else None
+    for det in candidates:
+        det.begin_scoring(total)  # a sharded KNN bank agrees on its collective rounds
     with torch.inference_mode(False), torch.no_grad():
         for batch in tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True):
             inputs, _ = describe(batch)
@@ -121,7 +124,8 @@ def search_detectors(
                 cand.configure(configure)
                 candidates.append((name, values, cand.to(next(detectors[name].buffers()).device)))
     dets = [c for _, _, c in candidates]
-    fit_detectors([d for d in dets if d.needs_fit], fit_batches, describe)
+    # Candidates that differ only in a scoring hyperparameter (KNN's k, ReAct's percentile) share one fit state.
+    fit_detectors(share_fit_state([d for d in dets if d.needs_fit]), fit_batches, describe)
     val = _score_pass(dets, val_batches, describe, "Detector search: ID validation")
     aux = _score_pass(dets, outlier_batches, describe, "Detector search: auxiliary outliers")
     if not len(val[0]) or not len(aux[0]):

@@ -294,11 +294,18 @@ class OODMethod(LightningModule):
             det.configure(datamodule)
         self.fit_detectors()
 
+    def _begin_scoring(self, num_batches: Sequence[int | float]) -> None:
+        """Detectors with a sharded fit (KNN under DDP) agree on how many batches the ranks will score."""
+        for det in self.detectors.values():
+            det.begin_scoring(sum(num_batches))
+
     def on_test_start(self) -> None:
         self._prepare_scoring()
+        self._begin_scoring(self.trainer.num_test_batches)
 
     def on_predict_start(self) -> None:
         self._prepare_scoring()
+        self._begin_scoring(self.trainer.num_predict_batches)
 
     def score_batch(self, images: Tensor, targets: Tensor) -> TestStepOutput:
         """Every detector and native score of one batch from ONE forward pass, as float64 ``[B]`` tensors.

@@ -35,6 +35,7 @@ from lightning_ood.methods.heatmap_targets import (
     OutlierTargets,
     OutputCache,
     describe,
+    gather_described,
     outlier_targets,
     pixel_keys,
 )
@@ -186,7 +187,8 @@ class HeatmapOOD(OODMethod):
         self.pixel_std = torch.tensor(dm.std, dtype=torch.float32, device=self.device)
 
     def on_fit_start(self) -> None:
-        """Feature range and outlier targets, once, from the frozen classifier (every rank computes them)."""
+        """Feature range and outlier targets, once, from the frozen classifier (the ID training pass sharded over
+        the ranks, the outlier targets then computed on every rank)."""
         super().on_fit_start()
         dm = self.trainer.datamodule
         progress = self.trainer.is_global_zero
@@ -201,7 +203,8 @@ class HeatmapOOD(OODMethod):
         def id_images(rows: Tensor) -> Tensor:  # uint8 ID training images, not augmented
             return torch.stack([dm.fit_dataset[int(r)][0] for r in rows])
 
-        id_train = describe(dm.fit_dataloader(sharded=False), forward, keys, "ID train", progress)
+        # Sharded like the detector fits: each rank describes its share, then the shares are put together.
+        id_train = gather_described(describe(dm.fit_dataloader(), forward, keys, "ID train", progress))
         self.feature_min.fill_(float(id_train.features.min()))
         self.feature_max.fill_(float(id_train.features.max()))
         aux = describe(dm.aux_fit_dataloader(), forward, keys, "outliers", progress)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lightning_ood.contract import ModelOutputs
 from lightning_ood.data.disjoint import image_digests
 from lightning_ood.detectors.knn import nearest_euclidean
+from lightning_ood.distributed import all_gather_cat, all_gather_objects, distributed_world, gathered_order
 
 
 def pixel_keys(images: Tensor, mean: Tensor, std: Tensor) -> list[bytes]:
@@ -120,6 +121,22 @@ def describe(
         if keys is not None:
             digests += keys(images)
     return Described(torch.cat(features), torch.cat(logits), digests)
+
+
+def gather_described(mine: Described) -> Described:
+    """Every rank's :class:`Described` share of a sharded pass (an ``UnpaddedDistributedSampler`` loader: rank
+    ``r`` of ``W`` described rows ``r, r + W, ...``), put together in dataset order; a collective. So the pass
+    over the ID training images costs each rank ``1 / W`` of the forward passes; only the ``[N, D]`` features,
+    logits and 16-byte digests are exchanged. One process: ``mine``."""
+    _, world = distributed_world()
+    if world == 1:
+        return mine
+    features, logits = all_gather_cat(mine.features), all_gather_cat(mine.logits)
+    keys = [key for part in all_gather_objects(mine.keys) for key in part]
+    order = torch.from_numpy(gathered_order(len(features), world))  # the dataset row of each gathered row
+    in_order = torch.empty_like(order)
+    in_order[order] = torch.arange(len(order))
+    return Described(features[in_order], logits[in_order], [keys[i] for i in in_order.tolist()])
 
 
 @dataclass
