@@ -70,12 +70,21 @@ def _distributed() -> bool:
 
 def rank_zero_decides(decide: Callable[[], T]) -> T:
     """``decide()`` run on rank 0 only, its (picklable) result broadcast to every rank; every rank must call
-    this at the same point. Outside a distributed run: ``decide()``."""
+    this at the same point. An exception raised by ``decide()`` is raised on every rank (none is left waiting).
+    Outside a distributed run: ``decide()``."""
     if not _distributed():
         return decide()
-    box = [decide() if dist.get_rank() == 0 else None]
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, decide())]
+        except Exception as error:  # every rank raises it, instead of the others waiting in the broadcast
+            box = [(False, error)]
     dist.broadcast_object_list(box, src=0)
-    return box[0]  # type: ignore[return-value]
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def check_fresh(stamps: Stamps, name: str, current: Callable[[], str], what: str = "") -> tuple[bool, str]:

@@ -20,9 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_ood.contract import CONSUMABLES, DetectorInputs, ModelOutputs, TestStepOutput
+from lightning_ood.derived_state import Stamps, fingerprint, module_fingerprint, rank_zero_decides, stamp
 from lightning_ood.detectors.base import Detector
 from lightning_ood.detectors.defaults import default_detectors
-from lightning_ood.derived_state import Stamps, fingerprint, module_fingerprint, rank_zero_decides, stamp
 from lightning_ood.detectors.fitting import fit_detectors, read_cache, save_cache
 from lightning_ood.frozen import drop_unsaved_state, file_sha256, freeze, keep_unsaved_state
 from lightning_ood.precision import full_precision, promote_head, promote_outputs
@@ -239,7 +239,9 @@ class OODMethod(LightningModule):
         if batches is not None or self._trainer is None:
             self._fit_pass([d for d in needs if not d.fitted], batches)
             for det in needs:
-                stamp(self._derived, f"detector/{det.name}", None)  # fitted on batches the key cannot describe
+                stamp(
+                    self._derived, f"detector/{det.name}", None
+                )  # fitted on batches the key cannot describe
             return
         if not needs:
             return
@@ -266,7 +268,9 @@ class OODMethod(LightningModule):
         cached states of the others that the cache holds."""
         key = self.fit_key()
         fresh = [
-            d.name for d in needs if d.fitted and self._derived.get(f"detector/{d.name}") == f"{key}/{d.fingerprint()}"
+            d.name
+            for d in needs
+            if d.fitted and self._derived.get(f"detector/{d.name}") == f"{key}/{d.fingerprint()}"
         ]
         anchor = self.cache_anchor()
         rest = [d for d in needs if d.name not in fresh]

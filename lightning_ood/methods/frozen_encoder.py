@@ -197,7 +197,11 @@ class FrozenEncoder(InputNormalisation, OODMethod):
 
     def fit_context(self) -> dict[str, Any]:
         """The base class's context, the encoder's settings and the zero-shot prompts."""
-        return {**super().fit_context(), "encoder": self.encoder.describe(), "prompts": self._prompt_context()}
+        return {
+            **super().fit_context(),
+            "encoder": self.encoder.describe(),
+            "prompts": self._prompt_context(),
+        }
 
     def _prompt_context(self) -> list[str]:
         return [*self._class_names(), *self._templates()] if self.hparams.zero_shot else []
