@@ -93,6 +93,12 @@ def _files(name: str, root: Path) -> tuple[str, ...]:
     return ()
 
 
+def write_files(root: Path) -> None:
+    """Every checkpoint file the methods of :func:`build` load (before the processes of a DDP run start)."""
+    for name in ("heatmap", "diffguard"):
+        _files(name, root)
+
+
 def data_for(name: str, **kwargs: Any) -> OODDataModule:
     """The tiny data a method of :func:`build` runs on (DiffGuard's tiny models: 3 classes at 8 px)."""
     return tiny_data(8, [0, 1, 2], n=10, **kwargs) if name == "diffguard" else tiny_data(**kwargs)

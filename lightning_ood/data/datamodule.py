@@ -358,7 +358,11 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
         """
         self._dataset_for("fit")  # fails clearly before setup
         self._build_derived()
-        return [self._loaders.unpadded(self._test_sets[name]) for name in self.test_set_names]
+        # a rank with no image of a set gets one empty batch: Lightning would otherwise skip it, or the whole loop
+        return [
+            self._loaders.unpadded(self._test_sets[name], at_least_one_batch=True)
+            for name in self.test_set_names
+        ]
 
     def _build_derived(self) -> None:
         """(Re)build the derived sets whose fingerprint changed (another checkpoint: other attacked images)."""

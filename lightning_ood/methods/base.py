@@ -366,8 +366,13 @@ class OODMethod(LightningModule):
         """Every detector and native score of one batch from ONE forward pass, as float64 ``[B]`` tensors.
 
         The forward pass runs in the caller's precision context; scoring runs outside autocast on outputs
-        promoted to float32 or better, so a ``bf16-mixed`` trainer does not degrade the scores.
+        promoted to float32 or better, so a ``bf16-mixed`` trainer does not degrade the scores. An empty batch
+        (a DDP rank with no image of a set) gives empty scores without a forward pass.
         """
+        if len(images) == 0:
+            empty = torch.empty(0, dtype=torch.float64, device=images.device)
+            preds = torch.empty(0, dtype=torch.long, device=images.device) if self.classifies else None
+            return TestStepOutput(scores=dict.fromkeys(self.score_names, empty), preds=preds, targets=targets)
         out = self.forward_outputs(images)
         with full_precision(images.device):
             inputs, out = self._inputs_from(out, images)
