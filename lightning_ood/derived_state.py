@@ -14,9 +14,9 @@ Under DDP rank 0 alone computes the fingerprint and decides; the decision and th
 their files or memory disagree (a node-local cache, a lagging file system).
 
 Weights are fingerprinted by content (:func:`module_fingerprint`: BLAKE2b over every parameter and buffer), so
-any change is seen, whatever made it (``load_state_dict``, an optimiser step, an in-place edit). Cost: ~0.1 s
-for a ResNet-50's 25.6 M parameters (``benchmarks/fingerprint_cost.py``; docs/benchmarks.md), paid once per
-evaluation start, on rank 0.
+any change is seen, whatever made it (``load_state_dict``, an optimiser step, an in-place edit). Cost: 0.6 s
+for a ResNet-50's 25.6 M parameters (102 MB) on two loaded CPU cores (``benchmarks/fingerprint_cost.py``,
+docs/benchmarks.md section 9), paid once per evaluation start, on rank 0.
 """
 
 from __future__ import annotations

@@ -226,14 +226,11 @@ class OODMethod(LightningModule):
     def fit_detectors(self, batches: Iterable | None = None) -> None:
         """Fit every detector that needs it: reused, from the cache, or in one pass over ID train.
 
-        ``batches``: ``(images, targets)`` batches of the ID training set; then every detector that is not
-        fitted is fitted on them. Default: the datamodule's ``fit_dataloader()``, and a fitted detector is
-        reused only when its statistics were computed from the same :meth:`fit_key` (weights, data and
-        settings) and the same detector hyperparameters; otherwise it comes from the cache beside the tested
-        checkpoint (:meth:`cache_anchor`) or is refitted. Under DDP rank 0 decides what is reused and reads
-        the cache; the decision and the cached states are broadcast. With a trainer, batches go through
-        Lightning's batch pipeline (precision input conversion, batch-transfer hooks) and the forward pass
-        through its precision context, as test batches do.
+        ``batches``: ``(images, targets)`` ID training batches; every unfitted detector is fitted on them.
+        Default: the datamodule's ``fit_dataloader()``; a fitted detector is reused only for the same
+        :meth:`fit_key` and hyperparameters, else it comes from the cache (:meth:`cache_anchor`) or is refitted.
+        Under DDP rank 0 decides and reads the cache; decision and cached states are broadcast. Batches go
+        through Lightning's batch pipeline and precision context, as test batches do.
         """
         needs = [d for d in self.detectors.values() if d.needs_fit]
         if batches is not None or self._trainer is None:
@@ -252,9 +249,8 @@ class OODMethod(LightningModule):
         if cached:
             rank_zero_info(f"Using the cached fit of {sorted(cached)} from {anchor}.detectors.pt")
         todo = [d for d in needs if d.name not in fresh and d.name not in cached]
-        for det in needs:
-            if det.name in cached:
-                det.load_state_dict(cached[det.name])
+        for name, state in cached.items():
+            self.detectors[name].load_state_dict(state)
         self._fit_pass(todo, None)
         for det in needs:
             stamp(self._derived, f"detector/{det.name}", f"{key}/{det.fingerprint()}")
@@ -264,13 +260,13 @@ class OODMethod(LightningModule):
             self.trainer.strategy.barrier("lightning_ood_detector_fit")
 
     def _fit_plan(self, needs: list[Detector]) -> dict[str, Any]:
-        """Rank 0's decision: the fit key, the cache anchor, the detectors fitted for this key (reused) and the
-        cached states of the others that the cache holds."""
+        """Rank 0's decision: fit key, cache anchor, detectors fitted for this key, cached states of others."""
         key = self.fit_key()
+        stamps = self._derived
         fresh = [
             d.name
             for d in needs
-            if d.fitted and self._derived.get(f"detector/{d.name}") == f"{key}/{d.fingerprint()}"
+            if d.fitted and stamps.get(f"detector/{d.name}") == f"{key}/{d.fingerprint()}"
         ]
         anchor = self.cache_anchor()
         rest = [d for d in needs if d.name not in fresh]
@@ -295,8 +291,7 @@ class OODMethod(LightningModule):
         self.train(was_training)
 
     def adopt_fitted(self, detectors: dict[str, Detector], key: str) -> None:
-        """Install ``detectors`` (already fitted for the fit key ``key``, e.g. by the detector search) under
-        their names, stamped so that the test start reuses them."""
+        """Install ``detectors`` fitted for ``key`` (by the detector search), stamped so the test reuses them."""
         for name, det in detectors.items():
             self.detectors[name] = det
             stamp(self._derived, f"detector/{name}", f"{key}/{det.fingerprint()}")
