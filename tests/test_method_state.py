@@ -220,13 +220,11 @@ def test_fit_cache_key_changes_with_every_setting_that_shapes_the_features(tmp_p
 
     from data_helpers import tiny as tiny_datamodule  # tests/data_helpers.py
 
-    ckpt = tmp_path / "model.ckpt"
-    ckpt.write_bytes(b"weights")
     model = Classifier(backbone="test_resnet", in_chans=1, detectors=[Mahalanobis()])
 
     def key(precision: str = "32-true", **data: object) -> str:
         model._trainer = SimpleNamespace(datamodule=tiny_datamodule(**data), precision=precision)
-        return model._cache_key(str(ckpt))
+        return model.fit_key()
 
     base = key()
     assert key() == base
@@ -247,6 +245,9 @@ def test_fit_cache_key_changes_with_every_setting_that_shapes_the_features(tmp_p
     del model.hparams["resize_input"]
     model.hparams["label_smoothing"] = 0.3  # training-only: the same features
     assert key() == base
+    with torch.no_grad():
+        model.head.bias[0] += 1e-6  # other weights (the content, not a file, is hashed)
+    assert key() != base
     model._trainer = None
 
 

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_ood.callbacks.results import atomic_write
 from lightning_ood.callbacks.run_dir import run_dir
+from lightning_ood.derived_state import Stamps, fingerprint, rank_zero_decides, stamp
 from lightning_ood.detectors.search import SEARCH_METRICS, search_detectors
 
 
@@ -24,6 +25,12 @@ class DetectorSearch(Callback):
     ``metric`` replaces the detector, under the same name. Test sets are never read. The choice and the whole
     grid go into ``detector_search.json`` in the run directory, into ``ood_results.json`` (``run ->
     detector_search``) and, under W&B, into a ``test/detector_search`` table and the run config.
+
+    The choice carries the fingerprint of what it was made from (the method's weights, the fit data, the ID
+    validation split, the outliers, the grid and the metric): testing again with all of them unchanged reuses
+    it, anything else searches again. Under DDP every rank takes part in the passes, rank 0 computes the metrics
+    and the choice, and every rank installs the same candidates. A method that trains with outliers is searched
+    on its ID validation split (``val_dataloader()[0]``) against its held-out outliers.
 
     Args:
         grid: ``{detector name: {hyperparameter: [values]}}``, e.g. ``{knn: {k: [1, 10, 50]}, react:
@@ -40,38 +47,67 @@ class DetectorSearch(Callback):
         self.grid = grid or {}
         self.metric = metric
         self.record: dict[str, Any] | None = None
+        self._stamps: Stamps = {}  # what the record was computed from (lightning_ood.derived_state)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.record = None
         if not self.grid:
+            self.record = None
             return
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "aux_eval_dataloader"):
             raise RuntimeError(
                 "detector_search needs lightning_ood's OODDataModule (ID val and aux outliers)"
             )
+        # Rank 0 fingerprints (weights, data, settings); the search reruns only when they changed.
+        key, current = rank_zero_decides(lambda: self._fingerprints(pl_module, dm))
+        if self.record is not None and self._stamps.get("search") == current:
+            rank_zero_info(
+                "Using the detector search's choice (same weights, data and settings): "
+                + summary(self.record)
+            )
+        else:
+            self._search(pl_module, dm, key)
+            stamp(self._stamps, "search", current)
+        self._write(trainer)
+
+    def _fingerprints(self, pl_module: LightningModule, dm: Any) -> tuple[str, str]:
+        """``(fit key, search fingerprint)``: the search also depends on the grid, the metric, the ID validation
+        split and the auxiliary outliers."""
+        key = pl_module.fit_key()
+        data = {
+            "aux_set": repr(dm.aux_set),
+            "aux_val_fraction": dm.aux_val_fraction,
+            "val_limit": dm.limits["val"],
+        }
+        return key, fingerprint(fit=key, grid=self.grid, metric=self.metric, data=data)
+
+    def _search(self, pl_module: LightningModule, dm: Any, key: str) -> None:
         rank_zero_info(f"Detector search on ID val vs aux outliers: {json.dumps(self.grid)}")
+        val = dm.val_dataloader()
+        if isinstance(
+            val, list
+        ):  # [id_val, aux_val] for a method that trains with outliers, or [] (no split)
+            val = val[0] if val else []
         was_training = pl_module.training
         pl_module.eval()
         chosen, self.record = search_detectors(
             dict(pl_module.detectors),
             self.grid,
             fit_batches=dm.fit_dataloader(),
-            val_batches=dm.val_dataloader(),
+            val_batches=val,
             outlier_batches=dm.aux_eval_dataloader(),
             describe=pl_module._describe,
             configure=dm,
             metric=self.metric,
         )
         pl_module.train(was_training)
-        for name, det in chosen.items():
-            pl_module.detectors[name] = det
+        pl_module.adopt_fitted(chosen, key)  # fitted on the fit images with these weights: not fitted again
         rank_zero_info("Detector search chose " + summary(self.record))
-        if trainer.is_global_zero:
-            self._write(trainer)
 
     def _write(self, trainer: Trainer) -> None:
-        directory = run_dir(trainer)
+        directory = run_dir(trainer)  # a collective: every rank calls it
+        if not trainer.is_global_zero:
+            return
         directory.mkdir(parents=True, exist_ok=True)
         atomic_write(Path(directory) / "detector_search.json", json.dumps(self.record, indent=2) + "\n")
         for logger in trainer.loggers:

@@ -18,6 +18,7 @@ from lightning_ood.callbacks.results import COLUMNS, build_rows, columns_for, wr
 from lightning_ood.callbacks.run_dir import run_dir
 from lightning_ood.callbacks.score_buffer import ScoreBuffer
 from lightning_ood.contract import MEAN_GROUPS, TestStepOutput
+from lightning_ood.derived_state import rank_zero_decides
 from lightning_ood.metrics import METRIC_KEYS, ood_metrics
 from lightning_ood.metrics.bootstrap import bootstrap_intervals
 from lightning_ood.run_info import environment_versions, run_summary
@@ -33,7 +34,8 @@ class OODEvaluation(Callback):
 
     The datamodule supplies ``test_set_names`` (``["id", *ood_sets]``, in ``dataloader_idx`` order) and
     ``test_set_groups`` (``{ood_set: "near" | "far"}``). Scores are gathered exactly across ranks (each sample
-    once) before any metric is computed, so N processes give the metrics of one.
+    once) before any metric is computed, so N processes give the metrics of one; the metrics and bootstrap
+    intervals are computed once, on rank 0, and broadcast.
 
     Logs ``test/<set>/<detector>/<metric>``, ``test/<near|far|all>/<detector>/<metric>`` and ``test/id/acc``;
     writes ``ood_results.{json,csv,md}`` and ``plots/{roc,hist}_<detector>.png`` into the run directory (or
@@ -110,20 +112,10 @@ class OODEvaluation(Callback):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         gathered = [buf.compute() for buf in self.buffers]  # synchronised across ranks
-        id_scores, id_preds, id_targets = gathered[0]
-        id_acc: float | None = None
-        if self.classifies:
-            id_acc = (id_preds == id_targets).float().mean().item() if len(id_targets) else float("nan")
-        per_set: dict[str, dict[str, dict[str, float]]] = {d: {} for d in self.detector_names}
-        for name, (ood_scores, _, _) in zip(self.set_names[1:], gathered[1:], strict=True):
-            is_ood = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))])
-            for k, det in enumerate(self.detector_names):
-                scores = torch.cat([id_scores[:, k], ood_scores[:, k]]).cpu()
-                per_set[det][name] = ood_metrics(scores, is_ood, set_name=f"id vs {name}, detector {det}")
-        sizes = {name: len(g[0]) for name, g in zip(self.set_names, gathered, strict=True)}
+        id_scores = gathered[0][0]
         self.run = run_summary(trainer, pl_module)
-        intervals = self._intervals(id_scores, gathered) if self.bootstrap else None
-        self.rows = build_rows(per_set, sizes, self.groups, len(id_scores), id_acc, self.run, intervals)
+        # The metrics and bootstrap intervals are computed once, on rank 0, and broadcast to every rank.
+        id_acc, self.rows = rank_zero_decides(lambda: self._metric_rows(gathered))
         self._log(pl_module, id_acc)
         directory = Path(self.output_dir) if self.output_dir else run_dir(trainer)
         self.output_path = directory
@@ -141,6 +133,22 @@ class OODEvaluation(Callback):
                     self._to_wandb(logger, figures)
         for buf in self.buffers:
             buf.reset()
+
+    def _metric_rows(self, gathered: list) -> tuple[float | None, list[dict[str, Any]]]:
+        """``(id_acc, rows)``: every OOD set x score's metrics, group means and (optionally) intervals."""
+        id_scores, id_preds, id_targets = gathered[0]
+        id_acc: float | None = None
+        if self.classifies:
+            id_acc = (id_preds == id_targets).float().mean().item() if len(id_targets) else float("nan")
+        per_set: dict[str, dict[str, dict[str, float]]] = {d: {} for d in self.detector_names}
+        for name, (ood_scores, _, _) in zip(self.set_names[1:], gathered[1:], strict=True):
+            is_ood = torch.cat([torch.zeros(len(id_scores)), torch.ones(len(ood_scores))])
+            for k, det in enumerate(self.detector_names):
+                scores = torch.cat([id_scores[:, k], ood_scores[:, k]]).cpu()
+                per_set[det][name] = ood_metrics(scores, is_ood, set_name=f"id vs {name}, detector {det}")
+        sizes = {name: len(g[0]) for name, g in zip(self.set_names, gathered, strict=True)}
+        intervals = self._intervals(id_scores, gathered) if self.bootstrap else None
+        return id_acc, build_rows(per_set, sizes, self.groups, len(id_scores), id_acc, self.run, intervals)
 
     def _intervals(self, id_scores: torch.Tensor, gathered: list) -> dict[str, dict[str, dict[str, float]]]:
         """Bootstrap intervals per detector, for every OOD set and every non-empty near / far / all group."""

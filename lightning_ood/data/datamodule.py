@@ -28,7 +28,7 @@ from lightning_ood.data.datasets import (
     resolve_split,
     select_classes,
 )
-from lightning_ood.data.derived import TestSetBuilder
+from lightning_ood.data.derived import TestSetBuilder, build_derived_sets
 from lightning_ood.data.folder_scoring import FolderScoring
 from lightning_ood.data.id_splits import fit_fingerprint, id_set_name, load_id_part, prepare_sources
 from lightning_ood.data.loaders import LoaderFactory
@@ -90,7 +90,8 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
         seed: seeds the ID train/val split, every limit subset and the shuffling order.
         test_set_builders: test sets derived at test time from the data and the model under test (e.g.
             :class:`~lightning_ood.attacks.AttackedSets`), appended to ``test_set_names`` after ``ood_sets``
-            and built the first time the test loaders are requested (see :mod:`lightning_ood.data.derived`).
+            and built when the test loaders are requested, again when the model's weights or the fit data
+            changed (see :mod:`lightning_ood.data.derived`).
     """
 
     def __init__(
@@ -345,24 +346,21 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         """``[id_test, *ood_sets, *derived sets]`` in the order of :attr:`test_set_names`, not augmented.
 
-        The first call builds the derived sets (``test_set_builders``) with the model under test.
+        Builds the derived sets (``test_set_builders``) with the model under test, again whenever what they were
+        built from changed (another checkpoint, other fit data: :mod:`lightning_ood.data.derived`).
         """
         self._dataset_for("fit")  # fails clearly before setup
         self._build_derived()
-        return [self._loaders.unpadded(self._test_sets[name]) for name in self.test_set_names]
+        # a rank with no image of a set gets one empty batch: Lightning would otherwise skip it, or the whole loop
+        return [
+            self._loaders.unpadded(self._test_sets[name], at_least_one_batch=True)
+            for name in self.test_set_names
+        ]
 
     def _build_derived(self) -> None:
+        """(Re)build the derived sets whose fingerprint changed (another checkpoint: other attacked images)."""
         model = self.trainer.lightning_module if self.trainer is not None else None
-        for builder in self.test_set_builders:
-            expected = list(builder.set_groups(self.ood_sets))
-            if all(name in self._test_sets for name in expected):
-                continue
-            sets = builder.build(self, model)
-            if list(sets) != expected:
-                raise RuntimeError(f"{type(builder).__name__} built {list(sets)}, but declared {expected}")
-            self._test_sets.update(sets)
-            sizes = ", ".join(f"{name} ({len(d)})" for name, d in sets.items())
-            rank_zero_info(f"OODDataModule: derived test sets {sizes}")
+        build_derived_sets(self, self._test_sets, model)
 
     def test_dataset(self, name: str) -> ImageDataset:
         """The built test set ``name`` of :attr:`test_set_names` (uint8 or [0, 1] float images, targets)."""

@@ -35,4 +35,4 @@ class FolderScoring:
         """The images given to :meth:`set_predict_images`, not augmented, each scored exactly once under DDP."""
         if self._predict is None:
             raise RuntimeError("call set_predict_images(path) before asking for the predict dataloader")
-        return self._loaders.unpadded(self._predict[1])
+        return self._loaders.unpadded(self._predict[1], at_least_one_batch=True)

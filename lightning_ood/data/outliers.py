@@ -56,7 +56,8 @@ class AuxiliaryOutliers:
             aux = self._outliers(self.aux_set, "aux", augment, {})
             if len(aux) == 0:
                 raise ValueError("aux_set has no images after class selection and limit")
-            tests = {k: d.images for k, d in self._test_sets.items()}
+            # Sets derived at test time (attacked images, float) come from the sets checked here.
+            tests = {k: d.images for k, d in self._test_sets.items() if k not in self._derived_groups}
             check_aux_disjoint(aux.images, tests, f"aux_set ({self.aux_set.source})")
             self._splits.update(split_outliers(aux, self.aux_val_fraction, self.seed))
             rank_zero_info(

@@ -9,7 +9,7 @@ from torch.utils.data import DistributedSampler
 
 from lightning_ood.distributed import distributed_world
 
-__all__ = ["CyclingDistributedSampler", "UnpaddedDistributedSampler", "distributed_world"]
+__all__ = ["EMPTY_SLOT", "CyclingDistributedSampler", "UnpaddedDistributedSampler", "distributed_world"]
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -18,18 +18,32 @@ class UnpaddedDistributedSampler(DistributedSampler):
     Unlike :class:`~torch.utils.data.DistributedSampler` it neither pads with duplicates nor drops samples, so
     ranks may get one sample more or less than each other. It subclasses ``DistributedSampler`` so that
     Lightning keeps it instead of inserting its own padded sampler. Never shuffles; ``set_epoch`` is a no-op.
+
+    ``empty_slot``: a rank with no index yields :data:`EMPTY_SLOT` once (a loader turns it into an empty batch),
+    so that Lightning runs its test / predict loop, with every hook and collective, instead of skipping it.
     """
 
-    def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Sized,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        empty_slot: bool = False,
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)  # type: ignore[arg-type]
         self.total_size = len(dataset)
         self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
+        self.empty_slot = empty_slot and self.num_samples == 0
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
+        return iter([EMPTY_SLOT] if self.empty_slot else range(self.rank, self.total_size, self.num_replicas))
 
     def __len__(self) -> int:
-        return self.num_samples
+        return 1 if self.empty_slot else self.num_samples
+
+
+#: The index an :class:`UnpaddedDistributedSampler` with ``empty_slot`` yields on a rank without samples.
+EMPTY_SLOT = -1
 
 
 class CyclingDistributedSampler(DistributedSampler):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,46 +61,30 @@ def cache_path(ckpt_path: str | os.PathLike) -> Path:
     return Path(f"{ckpt_path}.detectors.pt")
 
 
-def cache_key(ckpt_sha256: str, context: Mapping[str, Any]) -> str:
-    """The key a cached fit is valid for: the checkpoint's content and everything else that decides the features
-    the detectors are fitted on (``context``: the fit images and how they look, the precision, the method's
-    feature settings). Any change gives a new key and a refit."""
-    text = json.dumps({"checkpoint": ckpt_sha256, **context}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+def read_cache(ckpt_path: str | os.PathLike, key: str, detectors: Sequence[Detector]) -> dict[str, Any]:
+    """``{detector name: fitted state}`` cached beside ``ckpt_path`` for the fit fingerprint ``key`` (see
+    :meth:`~lightning_ood.methods.OODMethod.fit_key`), for those of ``detectors`` whose class and
+    hyperparameters (their ``fingerprint()``) are the same as when they were fitted. Memory-mapped, so only the
+    matching entries are read."""
+    entries = _read(cache_path(ckpt_path), key)
+    return {
+        d.name: entries[d.name]["state"]
+        for d in detectors
+        if d.name in entries and entries[d.name]["fingerprint"] == d.fingerprint()
+    }
 
 
 def _read(path: Path, key: str) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    cache = torch.load(path, map_location="cpu", weights_only=True)
+    cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return cache.get("detectors", {}) if cache.get("key") == key else {}
-
-
-def load_cached(detectors: Sequence[Detector], ckpt_path: str | os.PathLike, key: str) -> list[Detector]:
-    """Load cached fitted state into the detectors it matches; return the detectors still to fit.
-
-    A cached entry is used only when the cache ``key`` (see :func:`cache_key`) is the same and the detector's
-    class and hyperparameters (its fingerprint) are the same as when it was fitted.
-    """
-    entries = _read(cache_path(ckpt_path), key)
-    remaining = []
-    for det in detectors:
-        entry = entries.get(det.name)
-        if entry is None or entry["fingerprint"] != det.fingerprint():
-            remaining.append(det)
-            continue
-        det.load_state_dict(entry["state"])
-        if (
-            not det.fitted
-        ):  # an entry that holds no complete fit (e.g. one rank's share of a sharded KNN bank)
-            remaining.append(det)
-    return remaining
 
 
 def save_cache(detectors: Sequence[Detector], ckpt_path: str | os.PathLike, key: str) -> Path:
     """Write the fitted state of ``detectors`` (merged with entries cached under the same key) atomically."""
     path = cache_path(ckpt_path)
-    entries = _read(path, key)
+    entries = {name: _materialised(entry) for name, entry in _read(path, key).items()}
     for det in detectors:
         state = {k: v.detach().cpu() for k, v in det.state_dict().items()}
         entries[det.name] = {"fingerprint": det.fingerprint(), "state": state}
@@ -110,3 +92,8 @@ def save_cache(detectors: Sequence[Detector], ckpt_path: str | os.PathLike, key:
     torch.save({"key": key, "detectors": entries}, tmp)
     os.replace(tmp, path)
     return path
+
+
+def _materialised(entry: dict[str, Any]) -> dict[str, Any]:
+    """A cached entry read into memory (its tensors were memory-mapped from the file about to be replaced)."""
+    return {"fingerprint": entry["fingerprint"], "state": {k: v.clone() for k, v in entry["state"].items()}}

@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_ood.derived_state import rank_zero_decides
 from lightning_ood.detectors.base import Detector
 from lightning_ood.detectors.fitting import Describe, fit_detectors
 from lightning_ood.detectors.shared_fit import share_fit_state
-from lightning_ood.distributed import all_gather_cat
+from lightning_ood.distributed import all_gather_cat, distributed_world
 from lightning_ood.metrics import ood_metrics
 
 __all__ = ["SEARCH_METRICS", "build_candidate", "expand_grid", "search_detectors"]
@@ -63,6 +64,11 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
+def _quiet() -> bool:
+    """Progress bars on rank 0 only."""
+    return distributed_world()[0] != 0
+
+
 def _score_pass(
     candidates: Sequence[Detector], batches: Iterable, describe: Describe, desc: str
 ) -> list[Tensor]:
@@ -72,7 +78,8 @@ def _score_pass(
     for det in candidates:
         det.begin_scoring(total)  # a sharded KNN bank agrees on its collective rounds
     with torch.inference_mode(False), torch.no_grad():
-        for batch in tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True):
+        bar = tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=_quiet())
+        for batch in bar:
             inputs, _ = describe(batch)
             for i, det in enumerate(candidates):
                 scores[i].append(det(inputs).detach().to(torch.float64))
@@ -125,7 +132,9 @@ def search_detectors(
                 candidates.append((name, values, cand.to(next(detectors[name].buffers()).device)))
     dets = [c for _, _, c in candidates]
     # Candidates that differ only in a scoring hyperparameter (KNN's k, ReAct's percentile) share one fit state.
-    fit_detectors(share_fit_state([d for d in dets if d.needs_fit]), fit_batches, describe)
+    fit_detectors(
+        share_fit_state([d for d in dets if d.needs_fit]), fit_batches, describe, progress=not _quiet()
+    )
     val = _score_pass(dets, val_batches, describe, "Detector search: ID validation")
     aux = _score_pass(dets, outlier_batches, describe, "Detector search: auxiliary outliers")
     if not len(val[0]) or not len(aux[0]):
@@ -133,17 +142,32 @@ def search_detectors(
             f"detector search needs ID validation images and auxiliary outliers; got {len(val[0])} and "
             f"{len(aux[0])} (set data.init_args.val_fraction > 0 and data.init_args.aux_set)"
         )
-    record: dict[str, Any] = {"metric": metric, "n_id": len(val[0]), "n_ood": len(aux[0]), "detectors": {}}
+    # Rank 0 computes the metrics and the choice; every rank installs the same candidates.
+    record = rank_zero_decides(lambda: _choose(candidates, val, aux, metric))
     chosen: dict[str, Detector] = {}
+    for name, values, det in candidates:
+        if values == record["detectors"][name]["chosen"]:
+            chosen.setdefault(name, det)
+    return chosen, record
+
+
+def _choose(
+    candidates: Sequence[tuple[str, dict[str, Any], Detector]],
+    val: list[Tensor],
+    aux: list[Tensor],
+    metric: str,
+) -> dict[str, Any]:
+    """The search record: every candidate's validation metrics and the chosen values per detector."""
+    record: dict[str, Any] = {"metric": metric, "n_id": len(val[0]), "n_ood": len(aux[0]), "detectors": {}}
     best: dict[str, float] = {}
     higher = SEARCH_METRICS[metric]
     labels = torch.cat([torch.zeros(len(val[0])), torch.ones(len(aux[0]))])
-    for (name, values, det), s_val, s_aux in zip(candidates, val, aux, strict=True):
+    for (name, values, _), s_val, s_aux in zip(candidates, val, aux, strict=True):
         metrics = ood_metrics(torch.cat([s_val, s_aux]), labels, set_name=f"id/val vs aux, {name} {values}")
         entry = {"params": values, **{k: metrics[k] for k in SEARCH_METRICS}}
         record["detectors"].setdefault(name, {"grid": []})["grid"].append(entry)
         value = metrics[metric]
         if name not in best or (value > best[name] if higher else value < best[name]):
-            best[name], chosen[name] = value, det
+            best[name] = value
             record["detectors"][name]["chosen"] = values
-    return chosen, record
+    return record

@@ -20,9 +20,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_ood.contract import CONSUMABLES, DetectorInputs, ModelOutputs, TestStepOutput
+from lightning_ood.derived_state import Stamps, fingerprint, module_fingerprint, rank_zero_decides, stamp
 from lightning_ood.detectors.base import Detector
 from lightning_ood.detectors.defaults import default_detectors
-from lightning_ood.detectors.fitting import cache_key, fit_detectors, load_cached, save_cache
+from lightning_ood.detectors.fitting import fit_detectors, read_cache, save_cache
 from lightning_ood.frozen import drop_unsaved_state, file_sha256, freeze, keep_unsaved_state
 from lightning_ood.precision import full_precision, promote_head, promote_outputs
 
@@ -62,6 +63,8 @@ class OODMethod(LightningModule):
         self._unsaved: list[str] = []  # child modules left out of state_dict (detectors, frozen sub-models)
         self._frozen: dict[str, dict[str, str]] = {}  # frozen child -> {"path", "sha256"} ({} without a file)
         self.detector_cache = True
+        #: what each derived artefact (``detector/<name>``, ...) was computed from (``lightning_ood.derived_state``)
+        self._derived: Stamps = {}
         self.register_state_dict_post_hook(drop_unsaved_state)
         self.register_load_state_dict_pre_hook(keep_unsaved_state)
 
@@ -155,9 +158,10 @@ class OODMethod(LightningModule):
         return [*self.detectors.keys(), *self.native_score_names]
 
     def reset_detectors(self) -> None:
-        """Forget fitted statistics (the weights changed: a new checkpoint, or training)."""
+        """Forget fitted statistics and what they were computed from (training is about to change the weights)."""
         for det in self.detectors.values():
             det.reset()
+            stamp(self._derived, f"detector/{det.name}", None)
 
     # -- frozen sub-models -----------------------------------------------------------------------------------
     def register_frozen(self, name: str, module: nn.Module, source: str | Path | None = None) -> nn.Module:
@@ -185,8 +189,8 @@ class OODMethod(LightningModule):
         checkpoint["lightning_ood_frozen"] = {k: v for k, v in self._frozen.items() if v}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # New weights: statistics fitted for other weights are stale (they come from the cache or a refit).
-        self.reset_detectors()
+        # Statistics fitted for other weights are not reset here: the fit key (the weights' content) tells at the
+        # next test start, so reloading the same weights reuses them.
         for name, ref in checkpoint.get("lightning_ood_frozen", {}).items():
             mine = self._frozen.get(name)
             if mine and mine["sha256"] != ref["sha256"]:
@@ -197,7 +201,9 @@ class OODMethod(LightningModule):
                 )
 
     def on_fit_start(self) -> None:
-        self.reset_detectors()  # training changes the weights every fitted statistic was computed from
+        # Training changes the weights every fitted statistic was computed from (the fit key would tell too; this
+        # frees their memory while training).
+        self.reset_detectors()
 
     # -- the fit pass ----------------------------------------------------------------------------------------
     def _inputs_from(self, out: ModelOutputs, images: Tensor) -> tuple[DetectorInputs, ModelOutputs]:
@@ -218,26 +224,61 @@ class OODMethod(LightningModule):
             )
 
     def fit_detectors(self, batches: Iterable | None = None) -> None:
-        """Fit every detector that needs it: from the cache when possible, else in one pass over ID train.
+        """Fit every detector that needs it: reused, from the cache, or in one pass over ID train.
 
-        ``batches``: ``(images, targets)`` batches of the ID training set; default: the datamodule's
-        ``fit_dataloader()``. With a trainer, batches go through Lightning's batch pipeline (precision input
-        conversion, batch-transfer hooks) and the forward pass through its precision context, as test batches
-        do.
+        ``batches``: ``(images, targets)`` ID training batches; every unfitted detector is fitted on them.
+        Default: the datamodule's ``fit_dataloader()``; a fitted detector is reused only for the same
+        :meth:`fit_key` and hyperparameters, else it comes from the cache (:meth:`cache_anchor`) or is refitted.
+        Under DDP rank 0 decides and reads the cache; decision and cached states are broadcast. Batches go
+        through Lightning's batch pipeline and precision context, as test batches do.
         """
-        todo = [d for d in self.detectors.values() if d.needs_fit and not d.fitted]
+        needs = [d for d in self.detectors.values() if d.needs_fit]
+        if batches is not None or self._trainer is None:
+            self._fit_pass([d for d in needs if not d.fitted], batches)
+            for det in needs:
+                stamp(
+                    self._derived, f"detector/{det.name}", None
+                )  # fitted on batches the key cannot describe
+            return
+        if not needs:
+            return
+        plan = rank_zero_decides(lambda: self._fit_plan(needs))
+        key, anchor, fresh, cached = plan["key"], plan["anchor"], plan["fresh"], plan["cached"]
+        if fresh:
+            rank_zero_info(f"Using the fit of {fresh} (same weights, data and settings)")
+        for name, state in cached.items():
+            self.detectors[name].load_state_dict(state)
+        # an entry that loads unfitted holds no complete fit (e.g. one rank's share of a sharded KNN bank)
+        loaded = sorted(name for name in cached if self.detectors[name].fitted)
+        if loaded:
+            rank_zero_info(f"Using the cached fit of {loaded} from {anchor}.detectors.pt")
+        todo = [d for d in needs if d.name not in fresh and d.name not in loaded]
+        self._fit_pass(todo, None)
+        for det in needs:
+            stamp(self._derived, f"detector/{det.name}", f"{key}/{det.fingerprint()}")
+        if todo and anchor and self.trainer.is_global_zero:
+            rank_zero_info(f"Cached fitted detector statistics in {save_cache(todo, anchor, key)}")
+        if todo:
+            self.trainer.strategy.barrier("lightning_ood_detector_fit")
+
+    def _fit_plan(self, needs: list[Detector]) -> dict[str, Any]:
+        """Rank 0's decision: fit key, cache anchor, detectors fitted for this key, cached states of others."""
+        key = self.fit_key()
+        stamps = self._derived
+        fresh = [
+            d.name
+            for d in needs
+            if d.fitted and stamps.get(f"detector/{d.name}") == f"{key}/{d.fingerprint()}"
+        ]
+        anchor = self.cache_anchor()
+        rest = [d for d in needs if d.name not in fresh]
+        cached = read_cache(anchor, key, rest) if anchor and rest else {}
+        return {"key": key, "anchor": anchor, "fresh": fresh, "cached": cached}
+
+    def _fit_pass(self, todo: list[Detector], batches: Iterable | None) -> None:
         if not todo:
             return
         trainer = self._trainer
-        ckpt, key = self.fit_cache() if self.detector_cache else (None, "")
-        if ckpt:  # every rank reads the cache: under multi-node DDP the checkpoint folder must be shared
-            cached = {d.name for d in todo}
-            todo = load_cached(todo, ckpt, key)
-            cached -= {d.name for d in todo}
-            if cached:
-                rank_zero_info(f"Using the cached fit of {sorted(cached)} from {ckpt}.detectors.pt")
-            if not todo:
-                return
         if batches is None:
             datamodule = trainer.datamodule if trainer is not None else None
             if datamodule is None or not hasattr(datamodule, "fit_dataloader"):
@@ -250,17 +291,47 @@ class OODMethod(LightningModule):
         self.eval()
         fit_detectors(todo, batches, self._describe, progress=trainer is None or trainer.is_global_zero)
         self.train(was_training)
-        if ckpt and trainer.is_global_zero:
-            rank_zero_info(f"Cached fitted detector statistics in {save_cache(todo, ckpt, key)}")
-        if trainer is not None:
-            trainer.strategy.barrier("lightning_ood_detector_fit")
 
-    def fit_cache(self) -> tuple[str | None, str]:
-        """``(anchor, key)``: fitted statistics are cached in ``<anchor>.detectors.pt`` under ``key``; ``(None,
-        "")``: no cache. Default: beside the tested checkpoint, keyed by its content and the fit's context."""
+    def adopt_fitted(self, detectors: dict[str, Detector], key: str) -> None:
+        """Install ``detectors`` fitted for ``key`` (by the detector search), stamped so the test reuses them."""
+        for name, det in detectors.items():
+            self.detectors[name] = det
+            stamp(self._derived, f"detector/{name}", f"{key}/{det.fingerprint()}")
+
+    # -- fingerprints of the weights, the fit data and the settings ------------------------------------------
+    def weights_fingerprint(self) -> str:
+        """Content hash of the weights the method scores with: every parameter and buffer of its own, and each
+        frozen sub-model by its file's SHA-256 when loaded from one, else by content. Detectors and other
+        derived children (anything in ``_unsaved`` that is not a frozen sub-model) are left out."""
+        derived = [n for n in self._unsaved if n not in self._frozen]
+        by_file = {n: ref["sha256"] for n, ref in self._frozen.items() if ref}
+        return fingerprint(own=module_fingerprint(self, skip=[*derived, *by_file]), frozen=by_file)
+
+    def fit_context(self) -> dict[str, Any]:
+        """Everything besides the weights that decides the features the detectors are fitted on: the fit images
+        and how they look (``datamodule.fit_fingerprint()``), the precision, the method's class and its
+        feature settings (hyperparameters that shape only training are left out)."""
+        datamodule = self.trainer.datamodule
+        data = datamodule.fit_fingerprint() if hasattr(datamodule, "fit_fingerprint") else repr(datamodule)
+        method = {k: v for k, v in self.hparams.items() if k not in _NOT_FEATURE_SETTINGS}
+        return {
+            "data": data,
+            "precision": str(self.trainer.precision),
+            "method": type(self).__qualname__,
+            "hparams": method,
+        }
+
+    def fit_key(self) -> str:
+        """The fingerprint fitted statistics are computed from: the weights' content and :meth:`fit_context`.
+        Fitted detectors in memory and the fit cache on disk are both used only under this key."""
+        return fingerprint(weights=self.weights_fingerprint(), **self.fit_context())
+
+    def cache_anchor(self) -> str | None:
+        """Fitted statistics are cached in ``<anchor>.detectors.pt`` (``None``: no cache). Default: beside the
+        tested checkpoint (``detector_cache`` on). Asked on rank 0 only."""
         trainer = self._trainer
         ckpt = trainer.ckpt_path if trainer is not None else None
-        return (ckpt, self._cache_key(ckpt)) if ckpt else (None, "")
+        return ckpt if ckpt and self.detector_cache else None
 
     def _describe(self, batch: Any) -> tuple[DetectorInputs, Tensor]:
         trainer = self._trainer
@@ -274,18 +345,6 @@ class OODMethod(LightningModule):
             out = self.forward_outputs(images)
         with full_precision(images.device):
             return self._inputs_from(out, images)[0], targets
-
-    def _cache_key(self, ckpt: str) -> str:
-        datamodule = self.trainer.datamodule
-        data = datamodule.fit_fingerprint() if hasattr(datamodule, "fit_fingerprint") else repr(datamodule)
-        method = {k: v for k, v in self.hparams.items() if k not in _NOT_FEATURE_SETTINGS}
-        context = {
-            "data": data,
-            "precision": str(self.trainer.precision),
-            "method": type(self).__qualname__,
-            "hparams": method,
-        }
-        return cache_key(file_sha256(ckpt), context)
 
     # -- testing and predicting ------------------------------------------------------------------------------
     def _prepare_scoring(self) -> None:
@@ -311,8 +370,13 @@ class OODMethod(LightningModule):
         """Every detector and native score of one batch from ONE forward pass, as float64 ``[B]`` tensors.
 
         The forward pass runs in the caller's precision context; scoring runs outside autocast on outputs
-        promoted to float32 or better, so a ``bf16-mixed`` trainer does not degrade the scores.
+        promoted to float32 or better, so a ``bf16-mixed`` trainer does not degrade the scores. An empty batch
+        (a DDP rank with no image of a set) gives empty scores without a forward pass.
         """
+        if len(images) == 0:
+            empty = torch.empty(0, dtype=torch.float64, device=images.device)
+            preds = torch.empty(0, dtype=torch.long, device=images.device) if self.classifies else None
+            return TestStepOutput(scores=dict.fromkeys(self.score_names, empty), preds=preds, targets=targets)
         out = self.forward_outputs(images)
         with full_precision(images.device):
             inputs, out = self._inputs_from(out, images)

@@ -359,8 +359,8 @@ class DiffGuard(InputNormalisation, OODMethod):
     # -- the ID validation statistics of the combined score ---------------------------------------------------
     def _prepare_scoring(self) -> None:
         super()._prepare_scoring()
-        if self.hparams.combine_with is not None and not self.standardiser.fitted:
-            fit_standardiser(self)
+        if self.hparams.combine_with is not None:
+            fit_standardiser(self)  # reused when fitted from the same weights, data and settings
 
     def reset_detectors(self) -> None:
         super().reset_detectors()

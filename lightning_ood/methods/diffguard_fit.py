@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from lightning_ood.data.samplers import UnpaddedDistributedSampler
+from lightning_ood.derived_state import check_fresh, fingerprint, stamp
 from lightning_ood.distributed import distributed_world
 from lightning_ood.precision import full_precision
 
@@ -30,10 +31,31 @@ def validation_subset(datamodule: Any, limit: int) -> DataLoader:
     )
 
 
+def standardiser_fingerprint(method: Any) -> str:
+    """What the standardisation statistics are computed from: the detectors' fit key (weights, fit data,
+    settings), the combined detector's hyperparameters, and which ID validation images are streamed."""
+    datamodule = method.trainer.datamodule
+    limits = getattr(datamodule, "limits", {})
+    det = method.detectors[method.hparams.combine_with]
+    return fingerprint(fit=method.fit_key(), detector=det.fingerprint(), val_limit=limits.get("val"),
+                       images=method.hparams.combine_val_images)  # fmt: skip
+
+
 def fit_standardiser(method: Any) -> None:
-    """Stream the ID validation subset through DiffGuard (classifier, diffusion round trip, the combined
-    detector) and fit ``method.standardiser``; never test images."""
+    """Fit ``method.standardiser`` unless it was fitted from the same fingerprint
+    (:func:`standardiser_fingerprint`; rank 0 decides): stream the ID validation subset through DiffGuard
+    (classifier, diffusion round trip, the combined detector); never test images."""
     trainer = method._trainer
+    current = None
+    if trainer is not None:
+        fresh, current = check_fresh(
+            method._derived,
+            "standardiser",
+            lambda: standardiser_fingerprint(method),
+            "DiffGuard standardisation",
+        )
+        if fresh and method.standardiser.fitted:
+            return
     datamodule = trainer.datamodule if trainer is not None else None
     loader = validation_subset(datamodule, method.hparams.combine_val_images)
     standardiser = method.standardiser
@@ -54,3 +76,4 @@ def fit_standardiser(method: Any) -> None:
                 standardiser.update(method.combined_inputs(images))
     standardiser.finalize()
     method.train(was_training)
+    stamp(method._derived, "standardiser", current)

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from lightning_ood.contract import ModelOutputs
 from lightning_ood.detectors.base import Detector
-from lightning_ood.detectors.fitting import cache_key
 from lightning_ood.detectors.knn import KNN
 from lightning_ood.detectors.linear_probe import LinearProbe
 from lightning_ood.detectors.mahalanobis import RMD, Mahalanobis
@@ -187,22 +186,22 @@ class FrozenEncoder(InputNormalisation, OODMethod):
         return tuple(self.hparams.templates) if self.hparams.templates else PROMPT_TEMPLATES
 
     # -- the fit cache -------------------------------------------------------------------------------------------
-    def fit_cache(self) -> tuple[str | None, str]:
-        """Beside the tested checkpoint if any, else beside the encoder's weights file (if its folder is
-        writable); the key also covers the encoder's settings and the zero-shot prompts."""
-        anchor, key = super().fit_cache()
+    def cache_anchor(self) -> str | None:
+        """Beside the tested checkpoint if any, else beside the encoder's weights file if its folder is writable
+        (asked on rank 0 only, which decides for every rank)."""
+        anchor = super().cache_anchor()
         source = self.encoder.source
-        if (
-            anchor is None
-            and source
-            and self._trainer is not None
-            and os.access(Path(source).parent, os.W_OK)
-        ):
-            anchor, key = f"{source}.{self.method_name}", self._cache_key(source)
-        if anchor is None:
-            return None, ""
-        context = {"encoder": self.encoder.describe(), "prompts": self._prompt_context()}
-        return anchor, cache_key(key, context)
+        if anchor is None and self.detector_cache and source and os.access(Path(source).parent, os.W_OK):
+            anchor = f"{source}.{self.method_name}"
+        return anchor
+
+    def fit_context(self) -> dict[str, Any]:
+        """The base class's context, the encoder's settings and the zero-shot prompts."""
+        return {
+            **super().fit_context(),
+            "encoder": self.encoder.describe(),
+            "prompts": self._prompt_context(),
+        }
 
     def _prompt_context(self) -> list[str]:
         return [*self._class_names(), *self._templates()] if self.hparams.zero_shot else []

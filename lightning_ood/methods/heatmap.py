@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_ood.contract import ID_KEY, OUTLIER_KEY, DetectorInputs, ModelOutputs
+from lightning_ood.derived_state import check_fresh, stamp
 from lightning_ood.detectors.base import Detector
 from lightning_ood.distributed import all_reduce_sum
 from lightning_ood.frozen import load_method
@@ -38,6 +39,7 @@ from lightning_ood.methods.heatmap_targets import (
     gather_described,
     outlier_targets,
     pixel_keys,
+    targets_fingerprint,
 )
 from lightning_ood.nets.heatmap_decoder import (
     HeatmapDecoder,
@@ -190,6 +192,14 @@ class HeatmapOOD(OODMethod):
         """Feature range and outlier targets, once, from the frozen classifier (the ID training pass sharded over
         the ranks, the outlier targets then computed on every rank)."""
         super().on_fit_start()
+        fresh, computed_from = check_fresh(
+            self._derived,
+            "targets",
+            lambda: targets_fingerprint(self),
+            "HeatmapOOD feature range and targets",
+        )
+        if fresh and self.targets is not None:
+            return
         dm = self.trainer.datamodule
         progress = self.trainer.is_global_zero
 
@@ -210,6 +220,7 @@ class HeatmapOOD(OODMethod):
         aux = describe(dm.aux_fit_dataloader(), forward, keys, "outliers", progress)
         self.cache = OutputCache.of(id_train, aux)
         self.targets = outlier_targets(id_train, aux, id_images, self.hparams.target_chunk_size)
+        stamp(self._derived, "targets", computed_from)
         rank_zero_info(
             f"HeatmapOOD: features in [{self.feature_min.item():.4g}, {self.feature_max.item():.4g}] over "
             f"{len(id_train.features)} ID training images; targets for {len(aux.features)} outliers"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -23,8 +24,23 @@ from tqdm.auto import tqdm
 
 from lightning_ood.contract import ModelOutputs
 from lightning_ood.data.disjoint import image_digests
+from lightning_ood.derived_state import fingerprint
 from lightning_ood.detectors.knn import nearest_euclidean
 from lightning_ood.distributed import all_gather_cat, all_gather_objects, distributed_world, gathered_order
+
+
+def targets_fingerprint(method: Any) -> str:
+    """What the feature range, the output cache and the outlier targets are computed from: the frozen
+    classifier's weights, the ID fit data, the auxiliary set, the normalisation and the precision
+    (``lightning_ood.derived_state``): training again with all of them unchanged reuses them."""
+    dm = method.trainer.datamodule
+    aux = {"aux_set": repr(dm.aux_set), "seed": dm.seed}
+    classifier = method._frozen[
+        "classifier"
+    ]  # its file's path and SHA-256 (the decoder's weights do not count)
+    return fingerprint(classifier=classifier, data=dm.fit_fingerprint(), aux=aux,
+                       pixels=[method.pixel_mean.tolist(), method.pixel_std.tolist()],
+                       precision=str(method.trainer.precision))  # fmt: skip
 
 
 def pixel_keys(images: Tensor, mean: Tensor, std: Tensor) -> list[bytes]:
