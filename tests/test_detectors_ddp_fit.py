@@ -2,7 +2,8 @@
 merged across ranks, also with a bank subset, a replicated bank and a 1-process fit loaded from the cache),
 ReAct (exact distributed percentile) and the linear probe (data-parallel training); on an interleaved split
 (the fit loader's) and on one where a rank gets no fit batch, in float32 and float64. The ranks score different
-numbers of test batches (3, 1 and none), which must not hang the sharded KNN's collective rounds. HeatmapOOD's
+numbers of test batches (3, 1 and none), which must not hang the sharded KNN's collective rounds, also with
+two sharded banks scored together and an empty DDP slot. HeatmapOOD's
 sharded target pass is put back in dataset order. With no data on any rank every rank raises."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from ddp_helpers import run_ddp  # tests/ddp_helpers.py
 
 from lightning_ood.detectors import KNN, DetectorInputs, LinearProbe, ReAct
+from lightning_ood.detectors.base import begin_scoring
 from lightning_ood.methods.heatmap_targets import Described, gather_described
 
 N, D, WORLD = 101, 12, 3
@@ -52,10 +54,27 @@ def _fit(det, train: torch.Tensor, labels: torch.Tensor, head: torch.nn.Linear) 
 
 
 def _score(det, test: torch.Tensor, head: torch.nn.Linear, batches: list[tuple[int, int]]) -> torch.Tensor:
-    det.begin_scoring(len(batches))
+    return _score_together([det], test, head, batches)[0]
+
+
+def _score_together(dets, test, head, batches, empty_slots: int = 0) -> list[torch.Tensor]:
+    """Score ``dets`` batch by batch, each batch through every detector in turn (as a method's test step),
+    after ``empty_slots`` batches scored without a forward pass (a DDP rank's empty slot)."""
+    begin_scoring(dets, len(batches) + empty_slots)
+    out: list[list[torch.Tensor]] = [[] for _ in dets]
     with torch.no_grad():
-        out = [det(DetectorInputs(logits=head(test[a:b]), features=test[a:b], head=head)) for a, b in batches]
-    return torch.cat(out) if out else torch.empty(0, dtype=test.dtype)
+        for _ in range(empty_slots):
+            for det in dets:
+                det.empty_round()
+        for a, b in batches:
+            inputs = DetectorInputs(logits=head(test[a:b]), features=test[a:b], head=head)
+            for i, det in enumerate(dets):
+                out[i].append(det(inputs))
+    return [torch.cat(o) if o else torch.empty(0, dtype=test.dtype) for o in out]
+
+
+def _two_knns() -> list[KNN]:
+    return [KNN(k=4, chunk_size=9), KNN(k=2)]
 
 
 def _fit_and_score(train, labels, test, head, batches) -> dict[str, torch.Tensor]:
@@ -89,6 +108,13 @@ def _fit_worker(rank: int, cached_state: dict) -> dict[str, dict[str, torch.Tens
     _, _, test, head = _data(torch.float32)
     results["cached"] = {"knn": _score(knn, test, head, batches), "rows": torch.tensor(len(knn.bank))}
     results["cached"]["saved_fitted"] = knn.state_dict()["_fitted"]  # a shard is not written as a fit
+    # Two sharded banks scored together: rank 1 owes two rounds of each (paid interleaved, as the batches take
+    # them), rank 2 as well and then has one empty slot (no forward pass, still a round of each).
+    shard, shard_labels = _shard(rank, "interleaved", *_data(torch.float32)[:2])
+    knns = _two_knns()
+    for det in knns:
+        _fit(det, shard, shard_labels, head)
+    results["together"] = _score_together(knns, test, head, batches, empty_slots=int(rank == 2))
     # HeatmapOOD's target pass: each rank describes its interleaved share; together again in dataset order.
     rows = torch.arange(N)[rank::WORLD]
     mine = Described(
@@ -127,6 +153,10 @@ def test_sharded_fits_on_three_processes_equal_one_process() -> None:
         cached = ddp["cached"]
         torch.testing.assert_close(cached["knn"], single_knn(test, head, rank), rtol=0, atol=1e-6)
         assert int(cached["rows"]) == len(range(rank, N, WORLD)) and not bool(cached["saved_fitted"])
+        for det, got in zip(_two_knns(), ddp["together"], strict=True):
+            _fit(det, train, labels, head)
+            want = _score(det, test, head, [(0, 15)])[slice(*_span(rank))]
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=f"together/{rank}/k={det.k}")
         features, logits, keys = ddp["described"]
         assert torch.equal(logits[:, 0], torch.arange(N).float()) and features.shape == (N, 3)
         assert keys == [str(i).encode() for i in range(N)]

@@ -91,7 +91,7 @@ def test_sharded_rounds_refuse_to_score_without_agreed_rounds() -> None:
     with pytest.raises(RuntimeError, match="begin_scoring"):
         rounds.kth(torch.randn(2, 4), lambda q, k: q[:, :k], 1)
     with pytest.raises(ValueError, match="no length"):
-        rounds.begin(float("inf"), lambda q, k: q[:, :k], 1)
+        rounds.begin(float("inf"))
 
 
 def test_faiss_index_is_kept_with_the_fitted_state() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -139,11 +140,16 @@ class Detector(nn.Module):
         return self
 
     # -- scoring ---------------------------------------------------------------------------------------------
-    def begin_scoring(self, num_batches: int | float | None) -> None:
-        """Called on every rank before a pass that scores ``num_batches`` batches on this rank (``None`` or
-        ``inf``: unknown), after fitting. A detector whose fitted state is sharded over the ranks scores with
-        collectives and agrees here on their number (see :class:`~lightning_ood.detectors.KNN`); the default
-        does nothing."""
+    def begin_scoring(self, num_batches: int | float | None) -> int:
+        """Called on every rank (through :func:`begin_scoring`) before a pass that scores ``num_batches``
+        batches on this rank (``None`` or ``inf``: unknown), after fitting. A detector whose fitted state is
+        sharded over the ranks scores with one collective round per batch and agrees here on their number (see
+        :class:`~lightning_ood.detectors.KNN`); it returns the empty rounds this rank owes. Default: 0."""
+        return 0
+
+    def empty_round(self) -> None:
+        """Take part in one scoring round without a batch of this rank's own (an owed round, or a batch scored
+        without a forward pass); only detectors that score with collectives do anything."""
 
     def score(self, batch: DetectorInputs) -> Tensor:
         """Return ``[B]`` OOD scores, higher = more OOD."""
@@ -169,3 +175,15 @@ class Detector(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def begin_scoring(detectors: Sequence[Detector], num_batches: int | float | None) -> None:
+    """Before a scoring pass, on every rank: each detector agrees on its collective rounds, then the rounds
+    this rank owes (it scores fewer batches than the busiest rank) run now, one round of every detector at a
+    time in ``detectors``' order: the order the same detectors take their rounds in each scored batch, so
+    every rank's collectives pair up. ``detectors``: in the order they score each batch."""
+    owed = [det.begin_scoring(num_batches) for det in detectors]
+    for r in range(max(owed, default=0)):
+        for det, n in zip(detectors, owed, strict=True):
+            if r < n:
+                det.empty_round()

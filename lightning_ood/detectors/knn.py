@@ -274,10 +274,15 @@ class KNN(Detector):
             return self._faiss().topk(queries, k)
         return pad_topk(topk_cosines(queries, self.bank, k, self.chunk_size), k)
 
-    def begin_scoring(self, num_batches: int | float | None) -> None:
-        """A sharded bank: agree with the other ranks on the rounds of the coming pass (a collective)."""
+    def begin_scoring(self, num_batches: int | float | None) -> int:
+        """A sharded bank: agree with the other ranks on the rounds of the coming pass (a collective);
+        returns the empty rounds this rank owes."""
+        return self._rounds.begin(num_batches) if self._rounds is not None else 0
+
+    def empty_round(self) -> None:
+        """A sharded bank: one round with no queries of this rank (its shard still answers the others')."""
         if self._rounds is not None:
-            self._rounds.begin(num_batches, self._local_topk, self.k)
+            self._rounds.kth(None, self._local_topk, self.k)
 
     def score(self, batch: DetectorInputs) -> Tensor:
         """``[B]`` scores ``-cos_(k)`` for ``batch.features`` of shape ``[B, D]``; higher = more OOD."""

@@ -10,8 +10,11 @@ are all-gathered so that each rank merges those of its own queries. Memory per r
 Ranks score different numbers of batches (the unpadded test sampler gives a rank one sample more or less, and
 a rank may have none), so a round per batch alone would leave a rank waiting in a collective the others never
 enter. :meth:`ShardedRounds.begin` therefore agrees, before scoring, on the most batches any rank will score;
-a rank with fewer runs the difference as empty rounds (no queries of its own, its shard still answers the
-others') right away. Every rank then makes the same number of round calls, in the same order.
+a rank with fewer owes the difference as empty rounds (no queries of its own, its shard still answers the
+others'), which :func:`lightning_ood.detectors.base.begin_scoring` runs right away, one round of every
+sharded detector at a time in the detectors' order (the order their real rounds take in each batch). A batch
+scored without a forward pass (an empty DDP slot) runs an empty round instead (:meth:`Detector.empty_round`).
+Every rank then makes the same round calls, in the same order.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ class ShardedRounds:
         self.dim, self.device, self.who = dim, device, who
         self.left: int | None = None  # rounds this rank may still run; None: begin() not called
 
-    def begin(self, num_batches: int | float | None, local_topk: LocalTopK, k: int) -> None:
-        """Agree on the number of rounds of the coming pass and run this rank's share of empty rounds.
+    def begin(self, num_batches: int | float | None) -> int:
+        """Agree on the number of rounds of the coming pass; returns the empty rounds this rank owes (its
+        caller runs them with :meth:`kth` ``(None, ...)`` before the first scored batch).
 
         A collective every rank must enter, after the fit and before its first scored batch. ``num_batches``:
         the batches this rank will score in the pass (every test dataloader together).
@@ -68,8 +72,7 @@ class ShardedRounds:
         mine = int(num_batches)
         most = int(all_reduce_max(torch.tensor([mine], dtype=torch.long, device=self.device)).item())
         self.left = most
-        for _ in range(most - mine):
-            self.kth(None, local_topk, k)
+        return most - mine
 
     def kth(self, queries: Tensor | None, local_topk: LocalTopK, k: int) -> Tensor:
         """``[B]`` the k-th largest similarity of each of this rank's ``queries`` ``[B, D]`` over the whole

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_ood.derived_state import rank_zero_decides
-from lightning_ood.detectors.base import Detector
+from lightning_ood.detectors.base import Detector, begin_scoring
 from lightning_ood.detectors.fitting import Describe, fit_detectors
 from lightning_ood.detectors.shared_fit import share_fit_state
 from lightning_ood.distributed import all_gather_cat, distributed_world
@@ -75,8 +75,7 @@ def _score_pass(
     """Every candidate's scores over ``batches`` from one forward pass per batch, gathered over ranks."""
     scores: list[list[Tensor]] = [[] for _ in candidates]
     total = len(batches) if hasattr(batches, "__len__") else None
-    for det in candidates:
-        det.begin_scoring(total)  # a sharded KNN bank agrees on its collective rounds
+    begin_scoring(candidates, total)  # a sharded KNN bank agrees on its collective rounds
     with torch.inference_mode(False), torch.no_grad():
         bar = tqdm(batches, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=_quiet())
         for batch in bar:

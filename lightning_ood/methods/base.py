@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lightning_ood.contract import CONSUMABLES, DetectorInputs, ModelOutputs, TestStepOutput
 from lightning_ood.derived_state import Stamps, fingerprint, module_fingerprint, rank_zero_decides, stamp
-from lightning_ood.detectors.base import Detector
+from lightning_ood.detectors.base import Detector, begin_scoring
 from lightning_ood.detectors.defaults import default_detectors
 from lightning_ood.detectors.fitting import fit_detectors, read_cache, save_cache
 from lightning_ood.frozen import drop_unsaved_state, file_sha256, freeze, keep_unsaved_state
@@ -355,8 +355,7 @@ class OODMethod(LightningModule):
 
     def _begin_scoring(self, num_batches: Sequence[int | float]) -> None:
         """Detectors with a sharded fit (KNN under DDP) agree on how many batches the ranks will score."""
-        for det in self.detectors.values():
-            det.begin_scoring(sum(num_batches))
+        begin_scoring(list(self.detectors.values()), sum(num_batches))
 
     def on_test_start(self) -> None:
         self._prepare_scoring()
@@ -374,6 +373,8 @@ class OODMethod(LightningModule):
         (a DDP rank with no image of a set) gives empty scores without a forward pass.
         """
         if len(images) == 0:
+            for det in self.detectors.values():  # a detector scoring with collectives still takes its round
+                det.empty_round()
             empty = torch.empty(0, dtype=torch.float64, device=images.device)
             preds = torch.empty(0, dtype=torch.long, device=images.device) if self.classifies else None
             return TestStepOutput(scores=dict.fromkeys(self.score_names, empty), preds=preds, targets=targets)
