@@ -34,8 +34,8 @@ def _data(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
 def _detectors(dtype: torch.dtype) -> dict[str, KNN | ReAct]:
     bank = "float64" if dtype == torch.float64 else "float32"
     return {
-        "knn": KNN(k=4, chunk_size=9, bank_dtype=bank),
-        "knn_subset": KNN(k=2, bank_dtype=bank, bank_fraction=0.4, seed=3),
+        "knn": KNN(k=4, chunk_size=9, bank_dtype=bank, bank_placement="sharded"),
+        "knn_subset": KNN(k=2, bank_dtype=bank, bank_fraction=0.4, seed=3, bank_placement="sharded"),
         "knn_replicated": KNN(k=3, bank_dtype=bank, bank_placement="replicated"),
         "react": ReAct(percentile=90.0),
         "react_cap_above_n": ReAct(max_samples=1000),
@@ -74,7 +74,7 @@ def _score_together(dets, test, head, batches, empty_slots: int = 0) -> list[tor
 
 
 def _two_knns() -> list[KNN]:
-    return [KNN(k=4, chunk_size=9), KNN(k=2)]
+    return [KNN(k=4, chunk_size=9, bank_placement="sharded"), KNN(k=2, bank_placement="sharded")]
 
 
 def _fit_and_score(train, labels, test, head, batches) -> dict[str, torch.Tensor]:
@@ -103,7 +103,7 @@ def _fit_worker(rank: int, cached_state: dict) -> dict[str, dict[str, torch.Tens
         for split in ("interleaved", "empty_rank"):
             shard, shard_labels = _shard(rank, split, train, labels)
             results[f"{split}/{dtype}"] = _fit_and_score(shard, shard_labels, test, head, batches)
-    knn = KNN(k=4, chunk_size=9)
+    knn = KNN(k=4, chunk_size=9, bank_placement="sharded")
     knn.load_state_dict(cached_state)  # a 1-process fit from the cache: each rank keeps its share
     _, _, test, head = _data(torch.float32)
     results["cached"] = {"knn": _score(knn, test, head, batches), "rows": torch.tensor(len(knn.bank))}
