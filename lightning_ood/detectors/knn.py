@@ -62,8 +62,8 @@ class KNN(Detector):
     top-k), but in a method-level 3-process run (folder scoring after a detector search) the sharded bank's
     scores differed from one process by up to 4e-3, which is not explained yet: sharding stays opt-in until it
     is. ``bank_fraction`` subsamples before any communication. A sharded fit is not written to the fit cache
-    (rank 0 holds only its share; the fit pass runs again); a one-process fit, with its built IVF / HNSW index, is, and loads under
-    DDP by each rank keeping every ``W``-th row.
+    (rank 0 holds only its share; the fit pass runs again); a one-process fit, with its built IVF / HNSW
+    index, is, and loads under DDP by each rank keeping every ``W``-th row.
 
     Scoring is exact brute force, chunked over the bank with a running top-k merge: peak extra memory is
     ``B * (chunk_size + 2k)`` values (32 MB for B = 1024 at the default), never ``B x N`` nor ``B x B``.
