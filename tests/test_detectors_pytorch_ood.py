@@ -154,7 +154,7 @@ def test_openmax_matches_pytorch_ood() -> None:
 
 
 def test_gradnorm_equals_autograd_of_pytorch_ood() -> None:
-    train, _, test, head = blobs(3)
+    _, _, test, head = blobs(3)
     for t in (1.0, 2.0):
         theirs = ref.GradNorm(head, param_filter=lambda name: name == "weight", temperature=t).predict(test)
         ours = GradNorm(temperature=t)(inputs(test, head))
@@ -182,7 +182,7 @@ def _maps(feats: Tensor, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def test_rankfeat_matches_pytorch_ood() -> None:
-    train, _, test, head = blobs(5)
+    _, _, test, head = blobs(5)
     maps = _maps(test, 0)
     theirs = ref.RankFeat(backbone=None, head=lambda x: head(x.mean(dim=(2, 3)))).predict_feature_maps(
         maps[1]
