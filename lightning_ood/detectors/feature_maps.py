@@ -104,7 +104,8 @@ class Gram(Detector):
 
     For each chosen layer ``l`` and power ``p = 1..poles``, the ``[C_l]`` row sums of the ``p``-th order Gram
     matrix (:func:`gram_rows`) are compared with the per-class minimum and maximum over the fit samples the
-    network predicts as that class; ``delta_l`` is the summed :func:`gram_deviation` against the bounds of
+    network predicts as that class (a class never predicted there takes the bounds over all classes);
+    ``delta_l`` is the summed :func:`gram_deviation` against the bounds of
     the predicted class. ``E[delta_l]`` is the mean deviation of a held-out share of the fit samples (every
     ``holdout_every``-th sample of each rank, left out of the bounds; ``0``: no normalisation, all samples
     in the bounds). Memory: ``[C, C_l]`` bounds per layer and power (min / max reduced over ranks) plus the
@@ -188,11 +189,11 @@ class Gram(Detector):
         for low, high in zip(self._low, self._high, strict=True):
             both = all_reduce_max(torch.stack([-low, high]))
             bounds.append(torch.stack([-both[0], both[1]]))
-        never = (torch.isinf(bounds[0][0]).flatten(1).all(dim=1)).nonzero().flatten().tolist()
-        if never:
-            raise ValueError(
-                f"Gram: class(es) {never[:10]} are never predicted on the fit set, so have no bounds"
-            )
+        never = torch.isinf(bounds[0][0]).flatten(1).all(dim=1)  # classes never predicted on the fit set
+        if bool(never.all()):
+            raise RuntimeError(f"detector {self.name!r} (Gram): every fit sample was held out; lower holdout_every")
+        for b in bounds:  # they take the bounds over all classes
+            b[0][never], b[1][never] = b[0][~never].amin(dim=0), b[1][~never].amax(dim=0)
         sums = torch.zeros(len(bounds), 2, dtype=_F64, device=bounds[0].device)
         for stats, pred in self._held:
             for i, (s, b) in enumerate(zip(stats, bounds, strict=True)):
