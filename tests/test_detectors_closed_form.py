@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from scipy.special import logsumexp, softmax
 from test_detectors_pytorch_ood import blobs, fit, inputs  # tests/test_detectors_pytorch_ood.py
 from torch import nn
@@ -29,6 +32,7 @@ from lightning_ood.detectors import (
 )
 from lightning_ood.detectors.defaults import default_detectors
 from lightning_ood.detectors.openmax import weibull_fit
+from lightning_ood.detectors.search import build_candidate, expand_grid
 
 
 def _np_energy(feats: np.ndarray, head: nn.Linear) -> np.ndarray:
@@ -204,3 +208,19 @@ def test_default_set_holds_the_cheap_one_pass_detectors() -> None:
     assert not {"nn_guide", "openmax", "gmm", "gram", "rank_feat", "mahalanobis_preprocessed"} & set(names)
     logits_only = {d.name for d in default_detectors(frozenset({"logits"}))}
     assert "kl_matching" in logits_only and "scale" not in logits_only
+
+
+def test_opt_in_grid_names_opt_in_detectors_and_their_hyperparameters() -> None:
+    import lightning_ood.detectors as detectors
+
+    grid = yaml.safe_load(Path("configs/detector_search/opt_in.yaml").read_text())["grid"]
+    defaults = {d.name for d in default_detectors(frozenset({"logits", "features", "head"}))}
+    by_name = {}
+    for cls in vars(detectors).values():
+        if isinstance(cls, type) and issubclass(cls, detectors.Detector) and cls is not detectors.Detector:
+            det = cls()
+            by_name[det.name] = det
+    for name, values in grid.items():
+        assert name in by_name and name not in defaults, name
+        for params in expand_grid(values):
+            assert build_candidate(by_name[name], params).name == name

@@ -14,10 +14,7 @@ from lightning_ood.methods import Classifier
 
 def _batches(n_batches: int = 2, size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
-    return [
-        (torch.randn(size, 1, 40, 40, generator=gen), torch.arange(size) % 3)
-        for _ in range(n_batches)
-    ]
+    return [(torch.randn(size, 1, 40, 40, generator=gen), torch.arange(size) % 3) for _ in range(n_batches)]
 
 
 def test_feature_map_detectors_score_from_the_one_forward_pass(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,7 +99,6 @@ class DICE(Detector):
         self.temperature = temperature
         self.register_buffer("mask", torch.empty(0, dtype=torch.bool))  # [C, D]
         self._sums = RunningSums()
-        self._weight: Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"sparsity={self.sparsity}, temperature={self.temperature}"
@@ -107,24 +106,23 @@ class DICE(Detector):
     def reset(self) -> None:
         super().reset()
         self._sums.clear()
-        self._weight = None
 
     def update(self, batch: DetectorInputs, targets: Tensor) -> None:
         feats = features_of(batch, "DICE")
         self._sums.add("sum", feats.sum(0))
         self._sums.add("count", torch.tensor(float(feats.shape[0])))
-        self._weight = batch.head.weight.detach() if batch.head is not None else None
+        if "weight" not in self._sums.sums:  # the head, once (a rank without fit batches receives it)
+            self._sums.add("weight", head_weights(batch, feats, "DICE")[0])
+            self._sums.add("heads", torch.tensor(1.0))
 
     def finalize(self) -> None:
-        sums = self._sums.reduce(("sum", "count"), device=self.mask.device, who=self.name)
+        names = ("sum", "count", "weight", "heads")
+        sums = self._sums.reduce(names, device=self.mask.device, who=self.name)
         self._sums.clear()
-        if self._weight is None:
-            raise RuntimeError(f"detector {self.name!r} (DICE) got no head during its fit")
         mean = sums["sum"] / sums["count"]
-        contrib = mean[None, :] * self._weight.to(device=mean.device, dtype=torch.float64)
+        contrib = mean[None, :] * (sums["weight"] / sums["heads"])  # every rank has the same head
         threshold = percentile_linear(contrib, 100.0 * self.sparsity)
         self.mask = (contrib > threshold).to(self.mask.device)
-        self._weight = None
         super().finalize()
 
     def score(self, batch: DetectorInputs) -> Tensor:

@@ -21,6 +21,7 @@ from lightning_ood.detectors.streaming import energy_of, linear_logits, logits_o
 from lightning_ood.precision import at_least_float32
 
 _F64 = torch.float64
+_MAX_LAYERS = 64
 
 
 def selected_maps(batch: DetectorInputs, layers: Sequence[int] | None, who: str) -> list[Tensor]:
@@ -183,15 +184,16 @@ class Gram(Detector):
             self._held.append(([s[held] for s in stats], pred[held]))
 
     def finalize(self) -> None:
-        if not self._low:
-            raise RuntimeError(f"detector {self.name!r} (Gram): no fit batch; fit it on the ID training set")
+        self._agree_shapes()
         bounds = []
         for low, high in zip(self._low, self._high, strict=True):
             both = all_reduce_max(torch.stack([-low, high]))
             bounds.append(torch.stack([-both[0], both[1]]))
         never = torch.isinf(bounds[0][0]).flatten(1).all(dim=1)  # classes never predicted on the fit set
         if bool(never.all()):
-            raise RuntimeError(f"detector {self.name!r} (Gram): every fit sample was held out; lower holdout_every")
+            raise RuntimeError(
+                f"detector {self.name!r} (Gram): every fit sample was held out; lower holdout_every"
+            )
         for b in bounds:  # they take the bounds over all classes
             b[0][never], b[1][never] = b[0][~never].amin(dim=0), b[1][~never].amax(dim=0)
         sums = torch.zeros(len(bounds), 2, dtype=_F64, device=bounds[0].device)
@@ -205,6 +207,24 @@ class Gram(Detector):
         self._set_bounds(bounds)
         self._clear()
         super().finalize()
+
+    def _agree_shapes(self) -> None:
+        """Agree on ``C`` and every layer's ``C_l`` across ranks; a rank without fit batches makes empty bounds."""
+        dims = [self._low[0].shape[0], *(low.shape[-1] for low in self._low)] if self._low else []
+        if len(dims) > _MAX_LAYERS + 1:
+            raise ValueError(f"Gram supports at most {_MAX_LAYERS} layers, got {len(dims) - 1}")
+        info = torch.tensor([len(dims), *dims, *[0] * (_MAX_LAYERS + 1 - len(dims))], dtype=torch.long)
+        agreed = all_reduce_max(info.to(self.layer_norm.device)).tolist()
+        if agreed[0] == 0:
+            raise RuntimeError(
+                f"detector {self.name!r} (Gram): no fit batch on any rank; fit it on ID training data"
+            )
+        if not self._low:
+            c, widths = agreed[1], agreed[2 : agreed[0] + 1]
+            shapes = [(c, self.poles, w) for w in widths]
+            device = self.layer_norm.device
+            self._low = [torch.full(s, torch.inf, dtype=_F64, device=device) for s in shapes]
+            self._high = [torch.full(s, -torch.inf, dtype=_F64, device=device) for s in shapes]
 
     def _set_bounds(self, bounds: list[Tensor]) -> None:
         for i in range(self._num_layers):
@@ -296,8 +316,16 @@ class MultiLayerMahalanobis(Detector):
             det.update(x, targets)
 
     def finalize(self) -> None:
-        if not len(self.per_layer):
-            raise RuntimeError(f"detector {self.name!r}: no fit batch; fit it on the ID training set")
+        count = torch.tensor([len(self.per_layer)], dtype=torch.long, device=self._fitted.device)
+        layers = int(all_reduce_max(count)[0])
+        if layers == 0:
+            raise RuntimeError(
+                f"detector {self.name!r}: no fit batch on any rank; fit it on ID training data"
+            )
+        if not len(self.per_layer):  # a rank without fit batches takes part with empty statistics
+            self.per_layer = nn.ModuleList(
+                [Mahalanobis(ridge=self.ridge, name=f"layer{i}") for i in range(layers)]
+            ).to(self._fitted.device)
         for det in self.per_layer:
             det.finalize()
         super().finalize()
