@@ -198,8 +198,16 @@ def test_bad_settings_and_missing_patterns_raise_clearly() -> None:
         with pytest.raises(ValueError, match=match):
             make()
     train, y, _, head = blobs(15)
-    with pytest.raises(ValueError, match=r"class\(es\) \[3\] have no correctly classified"):
-        fit(SHE(), train, torch.where(y == 3, 0, y), head)  # no sample labelled 3: no correct one
+    with pytest.raises(ValueError, match=r"class\(es\) \[3\] have no ID training sample"):
+        fit(SHE(), train, torch.where(y == 3, 0, y), head)  # no sample labelled 3
+    # a class without a correctly classified sample falls back to the mean of its samples
+    always_3 = nn.Linear(12, 4)
+    with torch.no_grad():
+        always_3.weight.zero_()
+        always_3.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    patterns = fit(SHE(), train, y, always_3).patterns
+    torch.testing.assert_close(patterns[0], train[y == 0].double().mean(0))
+    torch.testing.assert_close(patterns[3], train[y == 3].double().mean(0))
 
 
 def test_default_set_holds_the_cheap_one_pass_detectors() -> None:

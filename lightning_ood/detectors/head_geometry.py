@@ -127,7 +127,8 @@ class SHE(Detector):
 
     ``S_c`` ``[D]`` is the mean feature of the ID-training samples of class ``c`` that the network classifies
     correctly (the stored pattern); ``y_hat`` the predicted class. Fitting keeps ``[C, D]`` sums and ``[C]``
-    counts (float64); a class without a correctly classified training sample is an error.
+    counts (float64); a class without a correctly classified training sample (an untrained network) takes the
+    mean of all its training samples, and a class without any is an error.
     """
 
     requires: ClassVar[frozenset[str]] = frozenset({"logits", "features"})
@@ -151,20 +152,24 @@ class SHE(Detector):
         if bool((targets < 0).any()):
             raise ValueError("SHE is fitted on labelled ID training samples; got targets < 0")
         correct = (logits.argmax(dim=1) == targets).to(_F64)
-        onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).to(_F64) * correct[:, None]
-        self._sums.add("sums", onehot.mT @ feats)
-        self._sums.add("counts", onehot.sum(0))
+        onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).to(_F64)
+        self._sums.add("sums", (onehot * correct[:, None]).mT @ feats)
+        self._sums.add("counts", (onehot * correct[:, None]).sum(0))
+        self._sums.add("all_sums", onehot.mT @ feats)
+        self._sums.add("all_counts", onehot.sum(0))
 
     def finalize(self) -> None:
-        sums = self._sums.reduce(("sums", "counts"), device=self.patterns.device, who=self.name)
+        names = ("sums", "counts", "all_sums", "all_counts")
+        sums = self._sums.reduce(names, device=self.patterns.device, who=self.name)
         self._sums.clear()
-        empty = (sums["counts"] == 0).nonzero().flatten().tolist()
+        empty = ((sums["counts"] == 0) & (sums["all_counts"] == 0)).nonzero().flatten().tolist()
         if empty:
             raise ValueError(
-                f"SHE: class(es) {empty[:10]} have no correctly classified ID training sample, so their stored "
-                "pattern is undefined; fit on a trained network (or another detector)"
+                f"SHE: class(es) {empty[:10]} have no ID training sample, so their stored pattern is undefined"
             )
-        self.patterns = sums["sums"] / sums["counts"][:, None]
+        fallback = sums["counts"] == 0  # no correct sample (an untrained network): all of the class's samples
+        total = torch.where(fallback[:, None], sums["all_sums"], sums["sums"])
+        self.patterns = total / torch.where(fallback, sums["all_counts"], sums["counts"])[:, None]
         super().finalize()
 
     def score(self, batch: DetectorInputs) -> Tensor:
