@@ -14,8 +14,10 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 from torch import Tensor, nn
 
 #: Everything a detector may ask for. ``head`` is the network's final linear layer, ``model`` a callable
-#: ``inputs -> ModelOutputs`` (for detectors that run their own forward/backward pass, such as ODIN).
-CONSUMABLES = frozenset({"logits", "features", "head", "inputs", "model"})
+#: ``inputs -> ModelOutputs`` (for detectors that run their own forward/backward pass, such as ODIN),
+#: ``feature_maps`` the intermediate feature maps of the same forward pass (Gram, RankFeat, multi-layer
+#: Mahalanobis); a method computes them only when a configured detector requires them.
+CONSUMABLES = frozenset({"logits", "features", "head", "inputs", "model", "feature_maps"})
 
 #: The groups an OOD test set belongs to.
 OOD_GROUPS = ("near", "far")
@@ -34,11 +36,15 @@ class ModelOutputs(NamedTuple):
             a CNN, the [CLS] embedding after the final LayerNorm for a ViT), or ``None``.
         extras: further named products of the same pass that the method's own scores need (a feature map, an
             auxiliary head's output, ...), or ``None``.
+        feature_maps: the intermediate feature maps of the same pass, shallow to deep, each ``[B, C_l, H_l,
+            W_l]`` (a timm network's ``forward_intermediates``; the last one is the map the pooled ``features``
+            come from), or ``None`` when no configured detector asked for them.
     """
 
     logits: Tensor | None = None
     features: Tensor | None = None
     extras: dict[str, Tensor] | None = None
+    feature_maps: tuple[Tensor, ...] | None = None
 
 
 @runtime_checkable
@@ -61,6 +67,7 @@ class DetectorInputs:
         head: the final ``nn.Linear`` mapping ``features`` to ``logits`` (``W: [C, D]``, ``b: [C]``), or ``None``.
         inputs: ``[B, ...]`` the (normalised) input images, or ``None``.
         model: the method, for detectors that run the network themselves, or ``None``.
+        feature_maps: ``ModelOutputs.feature_maps`` of the same pass (each ``[B, C_l, H_l, W_l]``), or ``None``.
 
     Products that several detectors compute from the same batch (float64 features, features centred on the
     training mean, whitened features, log-softmax) are computed once per batch through :meth:`shared` and
@@ -72,6 +79,7 @@ class DetectorInputs:
     head: nn.Linear | None = None
     inputs: Tensor | None = None
     model: ScoringModel | None = None
+    feature_maps: tuple[Tensor, ...] | None = None
     _memo: dict[Hashable, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def shared(self, key: Hashable, compute: Callable[[], Any]) -> Any:
@@ -92,7 +100,14 @@ class DetectorInputs:
         inputs: Tensor | None = None,
         model: ScoringModel | None = None,
     ) -> DetectorInputs:
-        return cls(logits=outputs.logits, features=outputs.features, head=head, inputs=inputs, model=model)
+        return cls(
+            logits=outputs.logits,
+            features=outputs.features,
+            head=head,
+            inputs=inputs,
+            model=model,
+            feature_maps=outputs.feature_maps,
+        )
 
     def available(self) -> frozenset[str]:
         return frozenset(

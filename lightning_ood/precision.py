@@ -49,6 +49,7 @@ def promote_outputs(out: ModelOutputs) -> ModelOutputs:
         logits=_promote(out.logits) if out.logits is not None else None,
         features=_promote(out.features) if out.features is not None else None,
         extras=extras,
+        feature_maps=tuple(_promote(m) for m in out.feature_maps) if out.feature_maps is not None else None,
     )
 
 

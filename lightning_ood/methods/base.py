@@ -52,11 +52,15 @@ class OODMethod(LightningModule):
         uses_outliers: training batches are ``{"id": (images, targets), "outliers": (images, -1)}`` with
             auxiliary outliers from the datamodule's ``aux_set`` (sharded under DDP); otherwise ``(images,
             targets)`` and the outlier set is never built.
+        gives_feature_maps: :meth:`forward_outputs` returns ``ModelOutputs.feature_maps`` when a configured
+            detector requires them (:attr:`wants_feature_maps`); otherwise such detectors are refused by name.
     """
 
     method_name: ClassVar[str] = "method"
     checkpoint_monitor: ClassVar[tuple[str, str] | None] = ("val/acc", "max")
     uses_outliers: ClassVar[bool] = False
+    #: :meth:`forward_outputs` fills ``ModelOutputs.feature_maps`` when a detector requires ``feature_maps``.
+    gives_feature_maps: ClassVar[bool] = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,6 +113,8 @@ class OODMethod(LightningModule):
             out -= {"logits"}
         if self.head is None:
             out -= {"head"}
+        if not self.gives_feature_maps:
+            out -= {"feature_maps"}
         return out
 
     @property
@@ -151,6 +157,12 @@ class OODMethod(LightningModule):
         self.detectors = nn.ModuleDict({d.name: d for d in dets})
         self._unsaved.append("detectors")
         self.detector_cache = detector_cache
+
+    @property
+    def wants_feature_maps(self) -> bool:
+        """Whether a configured detector consumes ``feature_maps`` (the forward pass computes them only then)."""
+        detectors = self.__dict__.get("_modules", {}).get("detectors")
+        return detectors is not None and any("feature_maps" in d.requires for d in detectors.values())
 
     @property
     def score_names(self) -> list[str]:

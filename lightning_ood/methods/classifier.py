@@ -33,6 +33,7 @@ class Classifier(SupervisedMethod):
     """
 
     method_name = "classifier"
+    gives_feature_maps = True
 
     def __init__(
         self,
@@ -70,4 +71,5 @@ class Classifier(SupervisedMethod):
         return self.net.head
 
     def forward_outputs(self, x: Tensor) -> ModelOutputs:
-        return self.net(x)
+        """One pass; with the stage outputs as ``feature_maps`` when a configured detector needs them."""
+        return self.net(x, feature_maps=self.wants_feature_maps)

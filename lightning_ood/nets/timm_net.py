@@ -92,6 +92,17 @@ class TimmNet(nn.Module):
         """Pooled pre-logit features ``[B, D]`` from :meth:`forward_features`'s output."""
         return self.model.forward_head(feature_map, pre_logits=True)
 
-    def forward(self, x: Tensor) -> ModelOutputs:
-        features = self.pool(self.forward_features(x))
-        return ModelOutputs(logits=self.head(features), features=features)
+    def forward(self, x: Tensor, feature_maps: bool = False) -> ModelOutputs:
+        """``ModelOutputs(logits, features)``; with ``feature_maps=True`` also every stage's output (``[B, C_l,
+        H_l, W_l]``, shallow to deep) from the same pass, through timm's ``forward_intermediates``."""
+        if not feature_maps:
+            features = self.pool(self.forward_features(x))
+            return ModelOutputs(logits=self.head(features), features=features)
+        if not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(
+                f"{type(self.model).__name__} has no forward_intermediates, so it cannot give the feature maps "
+                "that a configured detector (Gram, RankFeat, MultiLayerMahalanobis) needs; remove that detector"
+            )
+        final, maps = self.model.forward_intermediates(x)
+        features = self.pool(final)
+        return ModelOutputs(logits=self.head(features), features=features, feature_maps=tuple(maps))
