@@ -1,6 +1,6 @@
 """What SSOD samples as ID and OOD locations: how many of each lie on blank background, and a picture.
 
-    python benchmarks/ssod_locations.py \
+    python docs/scripts/ssod_locations.py \
         results/ssod/compare/fashionmnist/ssod/seed0/log/version_0/checkpoints/best-*.ckpt \
         --out docs/figures/ssod_masks_fashionmnist.png
 

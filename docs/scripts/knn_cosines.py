@@ -1,6 +1,6 @@
 """How close ID test images come to their nearest ID training image in a method's feature space (cosine).
 
-    python benchmarks/knn_cosines.py \
+    python docs/scripts/knn_cosines.py \
         results/quickstart/fashionmnist/classifier/seed0/log/version_0/checkpoints/best-epoch=001.ckpt --test-limit 1000
 
 The reference for reading k-NN scores and the feature-matching attack's cosines (docs/frozen_encoders.md): an

@@ -1,6 +1,6 @@
 """A grid of class-conditional DDIM samples (a row per class) from a DiffusionModel checkpoint.
 
-python benchmarks/diffusion_samples.py <ckpt> --out docs/figures/diffusion_samples_fashionmnist.png
+python docs/scripts/diffusion_samples.py <ckpt> --out docs/figures/diffusion_samples_fashionmnist.png
 """
 
 from __future__ import annotations
