@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from derived_helpers import build, data_for, perturbed, rows, trainer
+from lightning.pytorch import Trainer
 
 from lightning_ood.attacks import AttackedSets
 from lightning_ood.derived_state import check_fresh, fingerprint, module_fingerprint, rank_zero_decides, stamp
@@ -110,3 +111,21 @@ def test_reuse_is_decided_from_the_stamp_and_logged(caplog):
     assert "x" not in stamps
     with pytest.raises(ZeroDivisionError):
         rank_zero_decides(lambda: 1 / 0)
+
+
+@pytest.mark.parametrize("name", ["oodformer", "ssod", "heatmap"])
+def test_fit_then_more_training_then_test_gives_the_rows_of_a_fresh_model(name, tmp_path):
+    """Tested, trained further, tested again: the rows equal a fresh model given the trained weights and tested
+    once (nothing fitted for the earlier weights survives). The Classifier's case is in test_method_state; the
+    frozen encoder and DiffGuard have no training."""
+    data = data_for(name, train_transforms=[])  # HeatmapOOD's targets are for the outliers as stored
+    model = build(name, tmp_path)
+    rows(trainer(tmp_path / "before"), model, data)
+    fit = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  default_root_dir=str(tmp_path / "fit"))  # fmt: skip
+    fit.fit(model, datamodule=data)
+    after = rows(trainer(tmp_path / "after"), model, data)
+    reference = build(name, tmp_path)
+    reference.load_state_dict(model.state_dict())
+    _same(after, rows(trainer(tmp_path / "fresh"), reference, data_for(name, train_transforms=[])))
