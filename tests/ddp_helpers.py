@@ -106,3 +106,20 @@ def run_ddp(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: fl
         return [
             torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)
         ]
+
+
+def module_state_digest(module: torch.nn.Module) -> dict[str, str]:
+    """``{name: hash}`` of every parameter and buffer of ``module`` (non-persistent ones too).
+
+    Lightning broadcasts all of them from rank 0 whenever a stage starts (DDP's construction when fitting,
+    ``_sync_module_states`` otherwise), so a fitted detector must hold the same values on every rank: rank-local
+    state (a KNN bank's share) kept in a buffer would be replaced by rank 0's. Compare the digests across ranks.
+    """
+    import hashlib
+
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    digests = {}
+    for name, t in tensors.items():
+        raw = t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+        digests[name] = f"{tuple(t.shape)}:{t.dtype}:{hashlib.blake2b(raw, digest_size=8).hexdigest()}"
+    return digests

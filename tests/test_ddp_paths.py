@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 import torch
 from ddp_helpers import run_ddp
-from derived_helpers import build, data_for, joined_by_env, rows, trainer, write_files
+from derived_helpers import build, classifier_file, data_for, joined_by_env, rows, trainer, write_files
 from lightning.pytorch import Trainer
 from PIL import Image
 
 from lightning_ood.attacks import AttackedSets
-from lightning_ood.callbacks import DetectorSearch
+from lightning_ood.callbacks import DetectorSearch, OODEvaluation
 from lightning_ood.callbacks.detector_search import search_record
 from lightning_ood.callbacks.score_writer import ScoreWriter
+from lightning_ood.detectors import KNN, MSP, NNGuide
+from lightning_ood.methods import Classifier
 from lightning_ood.metrics import METRIC_KEYS
 
 SEARCHED = ("classifier", "ssod", "heatmap", "frozen_encoder")
@@ -52,7 +54,30 @@ def _evaluate(root: Path, world: int) -> dict[str, Any]:
                           enable_progress_bar=False, callbacks=[writer])  # fmt: skip
         predict.predict(model, datamodule=data, return_predictions=False)
         out["csv"] = scores.read_text() if predict.is_global_zero else None
+        out["cached"] = _twice_from_a_checkpoint(root, world, data)
     return out
+
+
+def _twice_from_a_checkpoint(root: Path, world: int, data) -> tuple[dict, dict, bool]:
+    """Test a checkpoint twice with the fit cache on (sharded KNN and NNGuide banks under DDP): the rows of both
+    runs, and whether the second took every fit from the cache (on N processes: each rank its own share, its
+    file untouched by the second run)."""
+    ckpt = classifier_file(root)
+    found = []
+    for run in range(2):
+        torch.manual_seed(0)
+        model = Classifier(backbone="test_resnet", in_chans=1, detectors=[KNN(k=2), NNGuide(k=3), MSP()])
+        test = trainer(root / f"w{world}" / f"cached{run}", world)
+        test.test(model, datamodule=data, ckpt_path=ckpt, verbose=False)
+        evaluation = next(cb for cb in test.callbacks if isinstance(cb, OODEvaluation))
+        found.append({(r["detector"], r["set"]): r for r in evaluation.rows})
+        rank = test.global_rank
+        share = Path(f"{ckpt}.detectors.rank{rank}-of-{world}.pt")
+        stamps = (share.stat().st_mtime_ns if share.is_file() else None, Path(f"{ckpt}.detectors.pt").stat())
+        if run == 0:
+            before = stamps
+    reused = stamps[0] == before[0] and (world == 1 or stamps[0] is not None)
+    return found[0], found[1], reused
 
 
 def _on_rank(rank: int, root: str) -> dict[str, Any]:
@@ -109,6 +134,15 @@ def test_three_processes_equal_one_on_every_evaluation_path(tmp_path):
     assert one["heatmap"][0][("heatmap", "faces")] and one["ssod"][0][("ood_head", "few")]
     assert any(score.endswith("_plus_energy") for score, _ in one["diffguard"][0])  # the standardised sum
     torch.testing.assert_close(many["attacked"], one["attacked"], atol=1e-5, rtol=0)
+    # The fit cache of sharded banks: every rank wrote its share, the second run read it back (no refit), and
+    # both runs give the one-process rows (whose second run read the ordinary one-process cache).
+    for got in (one["cached"], *(r["cached"] for r in ranks)):
+        first, second, reused = got
+        assert reused and first.keys() == second.keys() == one["cached"][0].keys()
+        for key, row in one["cached"][0].items():
+            for metric in METRIC_KEYS:
+                assert first[key][metric] == pytest.approx(row[metric], abs=1e-6), (key, metric)
+                assert second[key][metric] == first[key][metric], (key, metric)
     csv_one, csv_many = _csv_rows(one["csv"]), _csv_rows(many["csv"])
     assert len(csv_one) == 3 and [r[:3] for r in csv_many] == [r[:3] for r in csv_one]
     for a, b in zip(csv_one[1:], csv_many[1:], strict=True):

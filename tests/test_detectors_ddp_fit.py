@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ddp_helpers import run_ddp  # tests/ddp_helpers.py
+from ddp_helpers import module_state_digest, run_ddp  # tests/ddp_helpers.py
 
+from lightning_ood.contract import CONSUMABLES
 from lightning_ood.detectors import KNN, DetectorInputs, LinearProbe, ReAct
 from lightning_ood.detectors.base import begin_scoring
+from lightning_ood.detectors.defaults import default_detectors
 from lightning_ood.methods.heatmap_targets import Described, gather_described
 
 N, D, WORLD = 101, 12, 3
@@ -106,7 +108,7 @@ def _fit_worker(rank: int, cached_state: dict) -> dict[str, dict[str, torch.Tens
     knn = KNN(k=4, chunk_size=9, bank_placement="sharded")
     knn.load_state_dict(cached_state)  # a 1-process fit from the cache: each rank keeps its share
     _, _, test, head = _data(torch.float32)
-    results["cached"] = {"knn": _score(knn, test, head, batches), "rows": torch.tensor(len(knn.bank))}
+    results["cached"] = {"knn": _score(knn, test, head, batches), "rows": torch.tensor(len(knn.rows))}
     results["cached"]["saved_fitted"] = knn.state_dict()["_fitted"]  # a shard is not written as a fit
     # Two sharded banks scored together: rank 1 owes two rounds of each (paid interleaved, as the batches take
     # them), rank 2 as well and then has one empty slot (no forward pass, still a round of each).
@@ -122,7 +124,30 @@ def _fit_worker(rank: int, cached_state: dict) -> dict[str, dict[str, torch.Tens
     )
     together = gather_described(mine)
     results["described"] = (together.features, together.logits, together.keys)
+    results["digests"] = _fitted_state_digests(shard, shard_labels, head)
     return results
+
+
+def _fitted_state_digests(train, labels, head) -> dict[str, dict[str, str]]:
+    """Every default detector, the sharded and replicated KNN, ReAct and the probe fitted on this rank's share:
+    the digests of their parameters and buffers, which must be the same on every rank (Lightning broadcasts
+    them from rank 0 when a stage starts; rank-local state such as a bank's share is kept out of them)."""
+    dets = [
+        *default_detectors(frozenset(CONSUMABLES)),
+        *_detectors(torch.float32).values(),
+        LinearProbe(epochs=2),
+    ]
+    digests = {}
+    for det in dets:
+        det.reset()
+        for start in range(0, len(train), 10):
+            feats = train[start : start + 10]
+            with torch.no_grad():
+                batch = DetectorInputs(logits=head(feats), features=feats, head=head)
+            det.update(batch, labels[start : start + 10])
+        det.finalize()
+        digests[det.name] = module_state_digest(det)
+    return digests
 
 
 @pytest.mark.slow
@@ -149,6 +174,8 @@ def test_sharded_fits_on_three_processes_equal_one_process() -> None:
                     )
                 # Subsampling is an estimate that depends on the world size; it ran and kept a value in range.
                 assert 0 < float(got["react_subsampled_threshold"]) < float(_data(dtype)[0].max())
+    assert all(ddp["digests"] == results[0]["digests"] for ddp in results[1:])  # rank-independent state
+    assert {"knn", "mahalanobis", "vim", "react"} <= results[0]["digests"].keys()
     for rank, ddp in enumerate(results):
         cached = ddp["cached"]
         torch.testing.assert_close(cached["knn"], single_knn(test, head, rank), rtol=0, atol=1e-6)

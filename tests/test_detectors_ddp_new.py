@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ddp_helpers import run_ddp  # tests/ddp_helpers.py
+from ddp_helpers import module_state_digest, run_ddp  # tests/ddp_helpers.py
 from test_detectors_pytorch_ood import _maps, blobs, inputs  # tests/test_detectors_pytorch_ood.py
 
 from lightning_ood.detectors import (
@@ -23,6 +23,7 @@ from lightning_ood.detectors import (
     TemperatureScaledMSP,
     WeightedEnergy,
 )
+from lightning_ood.detectors.base import begin_scoring
 
 SPLITS = {"uneven": 230, "empty_rank": 600}  # rows of rank 0 (of 600); rank 1 gets the rest
 
@@ -44,7 +45,7 @@ def _detectors() -> list[Detector]:
     ]
 
 
-def _fit_and_score(rows: slice) -> dict[str, torch.Tensor]:
+def _fit_and_score(rows: slice, digests: dict[str, dict[str, str]] | None = None) -> dict[str, torch.Tensor]:
     train, y, test, head = blobs(20)
     maps, test_maps = _maps(train, 3), _maps(test, 3)
     out = {}
@@ -54,20 +55,31 @@ def _fit_and_score(rows: slice) -> dict[str, torch.Tensor]:
             sl = slice(start, min(start + 50, rows.stop))
             det.update(inputs(train[sl], head, tuple(m[sl] for m in maps)), y[sl])
         det.finalize()
+        if digests is not None:
+            digests[det.name] = module_state_digest(det)
+        begin_scoring([det], 1)  # NNGuide's sharded bank scores in collective rounds
         with torch.no_grad():
             out[det.name] = det(inputs(test, head, test_maps))
     return out
 
 
-def _worker(rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
-    fits = {split: _fit_and_score(slice(0, n) if rank == 0 else slice(n, 600)) for split, n in SPLITS.items()}
-    return fits, _gram(slice(0, 300) if rank == 0 else slice(300, 600))
+def _worker(rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, dict]:
+    digests: dict[str, dict[str, dict[str, str]]] = {split: {} for split in SPLITS}
+    fits = {
+        split: _fit_and_score(slice(0, n) if rank == 0 else slice(n, 600), digests[split])
+        for split, n in SPLITS.items()
+    }
+    return fits, _gram(slice(0, 300) if rank == 0 else slice(300, 600)), digests
 
 
 @pytest.mark.slow
 def test_two_process_fit_equals_one_process_fit() -> None:
     single, gram = _fit_and_score(slice(0, 600)), _gram(slice(0, 600))
-    for rank, (results, gram_ddp) in enumerate(run_ddp(_worker, timeout=240)):
+    ranks = run_ddp(_worker, timeout=240)
+    # Every fitted buffer and parameter is the same on every rank: Lightning broadcasts them from rank 0 when a
+    # stage starts, which must change nothing (rank-local state, e.g. NNGuide's bank share, is no buffer).
+    assert ranks[0][2] == ranks[1][2]
+    for rank, (results, gram_ddp, _) in enumerate(ranks):
         torch.testing.assert_close(gram_ddp, gram, rtol=1e-9, atol=1e-9)  # without a held-out share: exact
         for split, got in results.items():
             for name, scores in single.items():

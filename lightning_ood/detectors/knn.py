@@ -23,7 +23,8 @@ from lightning_ood.detectors.knn_search import (  # re-exported: the exact searc
     nearest_euclidean,
     topk_cosines,
 )
-from lightning_ood.detectors.knn_shards import ShardedRounds, pad_topk
+from lightning_ood.detectors.knn_shards import pad_topk
+from lightning_ood.detectors.sharded_bank import ShardedBank
 from lightning_ood.distributed import distributed_world
 from lightning_ood.precision import at_least_float32_dtype
 
@@ -37,7 +38,7 @@ PLACEMENTS = ("sharded", "replicated")
 __all__ = ["KNN", "PLACEMENTS", "kth_largest_cosine", "nearest_euclidean", "normalize", "topk_cosines"]
 
 
-class KNN(Detector):
+class KNN(ShardedBank):
     """Exact k-nearest-neighbour score on L2-normalised features (Sun et al., ICML 2022, "Out-of-distribution
     detection with deep nearest neighbors", eq. 3; the unsupervised k-NN of Adaloglou et al., TMLR 2024).
 
@@ -52,18 +53,18 @@ class KNN(Detector):
     ``N * D * itemsize`` bytes for the bank (e.g. CIFAR-10 with ResNet-18 features: 50k x 512 x 4 B = 100 MB;
     ImageNet-1K with ResNet-50: 1.28M x 2048 x 4 B = 10.5 GB), on the features' device.
 
-    Under DDP, ``bank_placement="replicated"`` (default) gathers the (subsampled) bank to every rank once and
-    scores without collectives. With ``bank_placement="sharded"`` (opt-in; see the note below) each rank
-    keeps the rows of its own fit batches, ``N / W`` of them (1.3 GB per GPU for ImageNet-1K on 8 GPUs), and a
-    query's top-k is merged across ranks with one collective round per scored batch
-    (:mod:`~lightning_ood.detectors.knn_shards`; :meth:`begin_scoring` agrees on the number of rounds, so ranks
-    with fewer or no test batches never hang), so the bank is never gathered. Detector-level tests show both
-    give the one-process scores (exact search; the same rows; the top-k of a union is the top-k of the shards'
-    top-k), but in a method-level 3-process run (folder scoring after a detector search) the sharded bank's
-    scores differed from one process by up to 4e-3, which is not explained yet: sharding stays opt-in until it
-    is. ``bank_fraction`` subsamples before any communication. A sharded fit is not written to the fit cache
-    (rank 0 holds only its share; the fit pass runs again); a one-process fit, with its built IVF / HNSW
-    index, is, and loads under DDP by each rank keeping every ``W``-th row.
+    Under DDP, ``bank_placement="sharded"`` (default) keeps on each rank the rows of its own fit batches,
+    ``N / W`` of them (1.3 GB per GPU for ImageNet-1K on 8 GPUs), and merges a query's top-k across ranks with
+    one collective round per scored batch (:mod:`~lightning_ood.detectors.knn_shards`; :meth:`begin_scoring`
+    agrees on the number of rounds, so ranks with fewer or no test batches never hang), so the bank is never
+    gathered; the scores are the one-process scores (exact search over the same rows: the top-k of a union is
+    the top-k of the shards' top-k). A share is never a buffer (Lightning broadcasts buffers from rank 0 when a
+    stage starts; :mod:`~lightning_ood.detectors.sharded_bank`). ``bank_placement="replicated"`` gathers the
+    (subsampled) bank to every rank once and scores without collectives (``N x D`` per rank: for small banks
+    only). ``bank_fraction`` subsamples before any communication. A sharded fit is cached share by share, each
+    rank its own file (:mod:`~lightning_ood.detectors.shard_cache`); a one-process fit, with its built IVF / HNSW
+    index, goes to the ordinary fit cache and loads (e.g. with ``load_state_dict``) under DDP by each rank
+    keeping every ``W``-th row.
 
     Scoring is exact brute force, chunked over the bank with a running top-k merge: peak extra memory is
     ``B * (chunk_size + 2k)`` values (32 MB for B = 1024 at the default), never ``B x N`` nor ``B x B``.
@@ -114,7 +115,7 @@ class KNN(Detector):
         nprobe: int = 16,
         hnsw_m: int = 32,
         ef_search: int = 128,
-        bank_placement: str = "replicated",
+        bank_placement: str = "sharded",
         name: str | None = None,
     ) -> None:
         if k < 1:
@@ -142,10 +143,8 @@ class KNN(Detector):
         self.register_buffer("bank", torch.empty(0, dtype=_BANK_DTYPES[bank_dtype]))
         # The built IVF / HNSW index of a one-process fit (faiss.serialize_index bytes), saved with the fit cache.
         self.register_buffer("faiss_index", torch.empty(0, dtype=torch.uint8))
-        self.register_state_dict_post_hook(_no_shard_in_state)
         self._parts: list[Tensor] = []
         self._search: FaissSearch | None = None
-        self._rounds: ShardedRounds | None = None  # set by a sharded DDP fit
         self._followers: list[KNN] = []  # detectors that take this one's bank when it finalizes
         self.bank_index = torch.empty(0, dtype=torch.long)  # the dataset index of each local bank row
 
@@ -159,15 +158,9 @@ class KNN(Detector):
             text += f", index={self.index!r}, " + index_settings(self)
         return text
 
-    @property
-    def sharded(self) -> bool:
-        """Whether this rank holds only its share of the bank (a sharded fit on more than one process)."""
-        return self._rounds is not None
-
     def reset(self) -> None:
         super().reset()
-        self._parts, self._search, self._rounds = [], None, None
-        self.bank = self.bank.new_empty(0)  # free the old bank before a refit
+        self._parts, self._search = [], None
         self.faiss_index = self.faiss_index.new_empty(0)
 
     def update(self, batch: DetectorInputs, targets: Tensor) -> None:
@@ -205,10 +198,10 @@ class KNN(Detector):
             raise ValueError(f"KNN k={self.k} exceeds the bank size {total}")
         if world > 1 and self.bank_placement == "replicated":
             rows, index = all_gather_cat(rows), all_gather_cat(index)
-        self.bank = rows.to(_BANK_DTYPES[self.bank_dtype]).contiguous()
+        self.keep_rows(
+            rows.to(_BANK_DTYPES[self.bank_dtype]).contiguous(), sharded=world > 1 and self.sharded_placement
+        )
         self.bank_index = index
-        sharded = world > 1 and self.bank_placement == "sharded"
-        self._rounds = ShardedRounds(rows.shape[1], rows.device, self.name) if sharded else None
         self._build_index()
         super().finalize()
         followers, self._followers = self._followers, []
@@ -230,10 +223,8 @@ class KNN(Detector):
         """Fitted from ``leader``'s bank (the same tensor, not a copy), with this detector's ``k`` and index."""
         if total < self.k:
             raise ValueError(f"KNN k={self.k} exceeds the bank size {total}")
-        self.bank, self.bank_index = leader.bank, leader.bank_index
-        self._rounds = (
-            None if leader._rounds is None else ShardedRounds(self.bank.shape[1], self.bank.device, self.name)
-        )
+        self.share_rows_of(leader)
+        self.bank_index = leader.bank_index
         self._build_index()
         self._fitted.fill_(True)
 
@@ -244,65 +235,67 @@ class KNN(Detector):
         self.faiss_index = self.faiss_index.new_empty(0)
         if self.index == "exact":
             return
-        self._search = FaissSearch(self.bank, self.index, **index_kwargs(self))
+        self._search = FaissSearch(self.rows, self.index, **index_kwargs(self))
         if not self.sharded and self.index != "faiss_flat":
             self.faiss_index = self._search.serialized()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        self._search, self._rounds = None, None  # a new bank: its index is loaded or rebuilt
+        self._search, self.shard, self._rounds = (
+            None,
+            None,
+            None,
+        )  # a new bank: its index is loaded or rebuilt
         # A state (a fit cache) written before the faiss index was kept has none: the index is rebuilt.
         state_dict.setdefault(prefix + "faiss_index", torch.empty(0, dtype=torch.uint8))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.bank_index = torch.arange(len(self.bank))
         rank, world = distributed_world()
-        if world > 1 and self.bank_placement == "sharded" and self.fitted:
+        if world > 1 and self.sharded_placement and self.fitted:
             # A one-process fit (the fit cache) loaded under DDP: every rank keeps its every-W-th share.
-            self.bank = self.bank[rank::world].contiguous()
+            self.split_loaded_bank()
             self.bank_index = self.bank_index[rank::world]
-            self._rounds = ShardedRounds(self.bank.shape[1], self.bank.device, self.name)
             self.faiss_index = self.faiss_index.new_empty(0)
 
     def _faiss(self) -> FaissSearch:
         if self._search is None:
             if self.faiss_index.numel():
-                self._search = FaissSearch.load(self.faiss_index, self.bank.device)
+                self._search = FaissSearch.load(self.faiss_index, self.rows.device)
             else:
-                self._search = FaissSearch(self.bank, self.index, **index_kwargs(self))
+                self._search = FaissSearch(self.rows, self.index, **index_kwargs(self))
         return self._search
 
-    def _local_topk(self, queries: Tensor, k: int) -> Tensor:
+    @property
+    def sharded_placement(self) -> bool:
+        return self.bank_placement == "sharded"
+
+    def shards_under_ddp(self) -> bool:
+        return self.sharded_placement
+
+    def share_state(self) -> dict[str, Tensor]:
+        return {**super().share_state(), "bank_index": self.bank_index}
+
+    def load_share(self, state: dict[str, Tensor]) -> None:
+        super().load_share(state)
+        self.bank_index = state["bank_index"].clone()
+        self._build_index()
+
+    def local_topk(self, queries: Tensor, k: int) -> Tensor:
         """``[Q, k]`` the k largest similarities of ``queries`` in this rank's bank (``-inf`` padded)."""
         if self.index != "exact":
             return self._faiss().topk(queries, k)
-        return pad_topk(topk_cosines(queries, self.bank, k, self.chunk_size), k)
+        return pad_topk(topk_cosines(queries, self.rows, k, self.chunk_size), k)
 
-    def begin_scoring(self, num_batches: int | float | None) -> int:
-        """A sharded bank: agree with the other ranks on the rounds of the coming pass (a collective);
-        returns the empty rounds this rank owes."""
-        return self._rounds.begin(num_batches) if self._rounds is not None else 0
-
-    def empty_round(self) -> None:
-        """A sharded bank: one round with no queries of this rank (its shard still answers the others')."""
-        if self._rounds is not None:
-            self._rounds.kth(None, self._local_topk, self.k)
+    def round_k(self) -> int:
+        return self.k
 
     def score(self, batch: DetectorInputs) -> Tensor:
         """``[B]`` scores ``-cos_(k)`` for ``batch.features`` of shape ``[B, D]``; higher = more OOD."""
         queries = normalize(batch.features)
         if self._rounds is not None:
-            return -unknown_as_lowest(self._rounds.kth(queries, self._local_topk, self.k))
+            return -unknown_as_lowest(self._rounds.kth(queries, self.local_topk, self.k))
         if self.index == "exact":
             return -kth_largest_cosine(queries, self.bank, self.k, self.chunk_size)
         return -self._faiss().kth_largest(queries, self.k)
-
-
-def _no_shard_in_state(module: KNN, state: dict, prefix: str, local_metadata: dict) -> None:
-    """A sharded bank is one rank's share, not the fit: its state dict (the fit cache) says "not fitted", so a
-    later run fits again instead of scoring against a part of the bank."""
-    if module.sharded:
-        state[prefix + "_fitted"] = torch.tensor(False)
-        state[prefix + "bank"] = module.bank.new_empty(0)
-        state[prefix + "faiss_index"] = module.faiss_index.new_empty(0)
 
 
 def normalize(features: Tensor | None) -> Tensor:

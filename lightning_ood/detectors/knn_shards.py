@@ -74,12 +74,13 @@ class ShardedRounds:
         self.left = most
         return most - mine
 
-    def kth(self, queries: Tensor | None, local_topk: LocalTopK, k: int) -> Tensor:
-        """``[B]`` the k-th largest similarity of each of this rank's ``queries`` ``[B, D]`` over the whole
-        (sharded) bank; ``None`` runs an empty round. A collective: one call per round on every rank."""
+    def topk(self, queries: Tensor | None, local_topk: LocalTopK, k: int) -> Tensor:
+        """``[B, k]`` the ``k`` largest similarities (descending; ``-inf`` where the whole bank has fewer than
+        ``k`` rows) of each of this rank's ``queries`` ``[B, D]`` over the whole (sharded) bank; ``None`` runs
+        an empty round. A collective: one call per round on every rank."""
         if self.left is None or self.left <= 0:
             raise RuntimeError(
-                f"detector {self.who!r} keeps its k-NN bank sharded over the ranks: every rank must announce its "
+                f"detector {self.who!r} keeps its bank sharded over the ranks: every rank must announce its "
                 "number of scored batches first (Detector.begin_scoring, which the methods call when testing and "
                 "predicting start, and the detector search before each pass); scoring more batches than announced "
                 "would leave the other ranks waiting"
@@ -96,15 +97,18 @@ class ShardedRounds:
         if queries is None:
             queries = torch.empty(0, self.dim, dtype=dtype, device=self.device)
         if sum(sizes) == 0:
-            return queries.new_empty(0)
+            return queries.new_empty(0, k)
         everyone = torch.cat(_all_gather_padded(queries.to(self.device, dtype), sizes))  # [Q, D]
         top = local_topk(everyone, k).to(dtype)  # [Q, k] against this rank's shard
         start = sum(sizes[:rank])
         # The shards' top-k lists of every query; each rank keeps those of its own queries.
         lists = _all_gather_padded_full(top)  # [W, Q, k]
         mine = lists[:, start : start + n].permute(1, 0, 2).reshape(n, len(sizes) * k)  # [B, W * k]
-        kth = mine.topk(k, dim=1).values[:, -1]
-        return kth.to(queries.dtype)
+        return mine.topk(k, dim=1).values.to(queries.dtype)
+
+    def kth(self, queries: Tensor | None, local_topk: LocalTopK, k: int) -> Tensor:
+        """``[B]`` the k-th largest similarity of each query over the whole bank (see :meth:`topk`)."""
+        return self.topk(queries, local_topk, k)[:, -1]
 
 
 def _all_gather_padded_full(tensor: Tensor) -> Tensor:

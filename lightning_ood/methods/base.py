@@ -24,6 +24,7 @@ from lightning_ood.derived_state import Stamps, fingerprint, module_fingerprint,
 from lightning_ood.detectors.base import Detector, begin_scoring
 from lightning_ood.detectors.defaults import default_detectors
 from lightning_ood.detectors.fitting import fit_detectors, read_cache, save_cache
+from lightning_ood.detectors.shard_cache import load_shards, save_shards, shards_under_ddp
 from lightning_ood.frozen import drop_unsaved_state, file_sha256, freeze, keep_unsaved_state
 from lightning_ood.precision import full_precision, promote_head, promote_outputs
 
@@ -265,11 +266,18 @@ class OODMethod(LightningModule):
         if loaded:
             rank_zero_info(f"Using the cached fit of {loaded} from {anchor}.detectors.pt")
         todo = [d for d in needs if d.name not in fresh and d.name not in loaded]
+        # sharded banks: each rank its own share of the cache (every rank enters, also without an anchor)
+        shards = load_shards([d for d in todo if shards_under_ddp(d)], anchor, key)
+        if shards:
+            rank_zero_info(f"Using the cached shares of {shards} from {anchor}.detectors.rank*-of-*.pt")
+        todo = [d for d in todo if d.name not in shards]
         self._fit_pass(todo, None)
         for det in needs:
             stamp(self._derived, f"detector/{det.name}", f"{key}/{det.fingerprint()}")
         if todo and anchor and self.trainer.is_global_zero:
             rank_zero_info(f"Cached fitted detector statistics in {save_cache(todo, anchor, key)}")
+        if anchor and any(shards_under_ddp(d) for d in todo):
+            save_shards([d for d in todo if shards_under_ddp(d)], anchor, key)
         if todo:
             self.trainer.strategy.barrier("lightning_ood_detector_fit")
 
@@ -283,7 +291,8 @@ class OODMethod(LightningModule):
             if d.fitted and stamps.get(f"detector/{d.name}") == f"{key}/{d.fingerprint()}"
         ]
         anchor = self.cache_anchor()
-        rest = [d for d in needs if d.name not in fresh]
+        # a sharded bank is not read from the one-process cache: broadcasting it would send N x D to every rank
+        rest = [d for d in needs if d.name not in fresh and not shards_under_ddp(d)]
         cached = read_cache(anchor, key, rest) if anchor and rest else {}
         return {"key": key, "anchor": anchor, "fresh": fresh, "cached": cached}
 
