@@ -272,12 +272,19 @@ class KNN(ShardedBank):
         return self.sharded_placement
 
     def share_state(self) -> dict[str, Tensor]:
-        return {**super().share_state(), "bank_index": self.bank_index}
+        """The share, its dataset indices and its built IVF / HNSW index (a flat one rebuilds as fast)."""
+        state = {**super().share_state(), "bank_index": self.bank_index}
+        if self.index not in ("exact", "faiss_flat"):
+            state["faiss_index"] = self._faiss().serialized()
+        return state
 
     def load_share(self, state: dict[str, Tensor]) -> None:
         super().load_share(state)
         self.bank_index = state["bank_index"].clone()
-        self._build_index()
+        if "faiss_index" in state:
+            self._search = FaissSearch.load(state["faiss_index"], self.rows.device)
+        else:
+            self._build_index()
 
     def local_topk(self, queries: Tensor, k: int) -> Tensor:
         """``[Q, k]`` the k largest similarities of ``queries`` in this rank's bank (``-inf`` padded)."""
