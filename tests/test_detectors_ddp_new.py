@@ -22,6 +22,7 @@ from lightning_ood.detectors import (
     OpenMax,
     TemperatureScaledMSP,
     WeightedEnergy,
+    WeiPerKLD,
 )
 
 SPLITS = {"uneven": 230, "empty_rank": 600}  # rows of rank 0 (of 600); rank 1 gets the rest
@@ -41,6 +42,10 @@ def _detectors() -> list[Detector]:
         NNGuide(k=9),
         Gram(poles=2, holdout_every=5),
         MultiLayerMahalanobis(),
+        WeiPerKLD(repeats=5, n_bins=20),  # ranges from the data: kept features, max-reduced extremes
+        WeiPerKLD(
+            repeats=5, n_bins=20, feature_range=(0.0, 8.0), projection_range=(-80.0, 80.0), name="wk_fixed"
+        ),
     ]
 
 
