@@ -57,6 +57,8 @@ from lightning_ood.detectors import (
     OpenMax,
     RankFeat,
     WeightedEnergy,
+    WeiPer,
+    WeiPerKLD,
 )
 from lightning_ood.detectors.defaults import default_detectors
 from lightning_ood.detectors.gaussian_stats import MomentDetector
@@ -186,6 +188,8 @@ def _opt_in_rows(model, fit_outputs: Outputs, sets: dict[str, Outputs], per10k: 
         NNGuide(),
         GMM(),
         Mahalanobis(covariance="per_class", name="mahalanobis_per_class"),
+        WeiPer(),
+        WeiPerKLD(),
     ]
     lines = ["", "Opt-in detectors on the same outputs, each alone:", ""]
     lines += [

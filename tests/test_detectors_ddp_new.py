@@ -22,6 +22,7 @@ from lightning_ood.detectors import (
     OpenMax,
     TemperatureScaledMSP,
     WeightedEnergy,
+    WeiPerKLD,
 )
 from lightning_ood.detectors.base import begin_scoring
 
@@ -42,6 +43,10 @@ def _detectors() -> list[Detector]:
         NNGuide(k=9),
         Gram(poles=2, holdout_every=5),
         MultiLayerMahalanobis(),
+        WeiPerKLD(repeats=5, n_bins=20),  # ranges from the data: kept features, max-reduced extremes
+        WeiPerKLD(
+            repeats=5, n_bins=20, feature_range=(0.0, 8.0), projection_range=(-80.0, 80.0), name="wk_fixed"
+        ),
     ]
 
 

@@ -27,6 +27,7 @@ from lightning_ood.detectors.odin import ODIN
 from lightning_ood.detectors.openmax import OpenMax
 from lightning_ood.detectors.residual import Residual
 from lightning_ood.detectors.vim import ViM
+from lightning_ood.detectors.weiper import WeiPer, WeiPerKLD
 
 __all__ = [
     "ASH",
@@ -66,6 +67,8 @@ __all__ = [
     "ScoringModel",
     "TemperatureScaledMSP",
     "ViM",
+    "WeiPer",
+    "WeiPerKLD",
     "WeightedEnergy",
     "all_gather_cat",
     "all_reduce_max",

@@ -27,6 +27,9 @@ def default_detectors(provides: frozenset[str]) -> list[Detector]:
     - a second feature bank searched per test batch like KNN: ``NNGuide``;
     - fits that keep every training sample: ``OpenMax`` (``N * C`` logits), ``VRA`` (two ReAct percentiles),
       ``LinearProbe``;
+    - ``r`` perturbed copies of the head (100): ``WeiPer``, ``WeiPerKLD`` multiply the head's product per batch
+      by ``r`` and keep an ``[r, C, D]`` buffer (0.8 GB for ImageNet-1K on ResNet-50), and WeiPerKLD's fit
+      keeps the training features (unless its bins are fixed) and projects them twice;
     - ``WeightedEnergy``: without weights learned with VOS it is Energy re-weighted by the class priors (on
       balanced data the same ranking as ``Energy``).
     """
