@@ -120,8 +120,10 @@ def test_seeded_reproducible_and_state_dict_round_trip() -> None:
     plain = WeiPer(repeats=4, seed=9)
     first = plain(batch)
     again = WeiPer(repeats=4, seed=9)
-    again.load_state_dict(plain.state_dict())
-    assert torch.equal(again.directions, plain.directions) and torch.equal(again(batch), first)
+    again.load_state_dict(plain.state_dict())  # no state: the seed draws the same directions again
+    assert torch.equal(again(batch), first) and torch.equal(again.directions, plain.directions)
+    # not a buffer: a rank that scores nothing would hold another shape than rank 0 at Lightning's broadcast
+    assert "directions" not in dict(plain.named_buffers())
 
 
 def test_streamed_whole_and_fixed_range_fits_agree() -> None:

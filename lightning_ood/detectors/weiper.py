@@ -112,7 +112,7 @@ class _PerturbedHead(Detector):
                     f"detector {self.name!r} was fitted with a head of {tuple(self.directions.shape[1:])} "
                     f"(classes, features), got {tuple(weight.shape)}; fit it again for this network"
                 )
-            self.directions = perturbation_directions(*shape, self.seed).to(self.directions.device)
+            self.directions = perturbation_directions(*shape, self.seed).to(weight.device)
         heads = perturbed_heads(weight, self.directions.to(weight.device), self.delta)
         return heads, None if bias is None else bias.repeat(self.repeats)
 
@@ -136,6 +136,11 @@ class WeiPer(_PerturbedHead):
         self, repeats: int = 100, delta: float = 1.8, seed: int = 0, name: str | None = None
     ) -> None:
         super().__init__(repeats, delta, seed, name)
+        # No fit: the directions are drawn for the first head scored and are not state. Not a buffer, because a
+        # rank that scores nothing would keep an empty one, and Lightning's stage-start broadcast of buffers
+        # from rank 0 needs the same shapes on every rank.
+        del self._buffers["directions"]
+        self.directions = torch.empty(0)
 
     def extra_repr(self) -> str:
         return f"repeats={self.repeats}, delta={self.delta}, seed={self.seed}"
@@ -315,6 +320,7 @@ class WeiPerKLD(_PerturbedHead):
         """Agree on the ranges (max-reduce), count the kept features' bins, sum the counts over ranks. A
         collective every rank enters, also one without fit batches."""
         device = self.feature_density.device
+        self._agree_directions(device)
         f_range, p_range = self.feature_range, self.projection_range
         if not self._streaming:
             where = self._rows[0].device if self._rows else device
@@ -342,6 +348,15 @@ class WeiPerKLD(_PerturbedHead):
                 det.directions = self.directions  # the same seed and shape: one copy for the group
             det._fitted.fill_(True)
         super().finalize()
+
+    def _agree_directions(self, device: torch.device) -> None:
+        """A rank that saw no fit batch has not drawn the directions yet: agree on the head's ``(C, D)`` (one
+        max-reduce) and draw the same ones, so the buffer is the same on every rank (Lightning broadcasts
+        buffers from rank 0 when a stage starts, which needs equal shapes)."""
+        mine = list(self.directions.shape[1:]) if self.directions.numel() else [0, 0]
+        classes, dim = all_reduce_max(torch.tensor(mine, dtype=torch.long, device=device)).tolist()
+        if not self.directions.numel() and classes and dim:
+            self.directions = perturbation_directions(self.repeats, classes, dim, self.seed).to(device)
 
     def score(self, batch: DetectorInputs) -> Tensor:
         """``[B]`` feature KL + ``lambda_1`` perturbed-logit KL - ``lambda_2`` MSP_W; higher = more OOD."""
