@@ -88,9 +88,13 @@ class RankFeat(Detector):
 
 def gram_rows(maps: Tensor, power: int) -> Tensor:
     """``[B, C]`` row sums of the ``p``-th order Gram matrix ``(F^p F^p^T)^(1/p)`` of ``[B, C, H, W]`` maps
-    (powers elementwise, the ``1/p`` root sign-preserving), as Sastry & Oore's official code."""
-    f = (maps.flatten(2).to(_F64)) ** power
-    g = (f @ f.mT).sum(dim=2)
+    (powers elementwise, the ``1/p`` root sign-preserving), as Sastry & Oore's official code.
+
+    A row sum of ``G = F F^T`` is ``sum_j <f_i, f_j> = <f_i, sum_j f_j>``, so it is computed as one
+    ``[B, C, HW] . [B, HW]`` product: ``O(B C HW)`` instead of the ``O(B C^2 HW)`` of forming ``G`` (the same
+    values up to float64 summation order; 13.8 s -> well under 1 s per 128 images of a ResNet's five maps)."""
+    f = (maps.flatten(2).to(_F64)) ** power  # [B, C, HW]
+    g = torch.einsum("bcs,bs->bc", f, f.sum(dim=1))
     return g.sign() * g.abs() ** (1.0 / power)
 
 
