@@ -143,11 +143,15 @@ def _marker(list_file: Path, folder: Path, check: str, cache_dir: Path) -> Path:
     return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.ok"
 
 
+def cache_base() -> Path:
+    """The folder lightning-ood remembers data checks in: ``$LIGHTNING_OOD_CACHE`` or ``~/.cache/lightning_ood``
+    (on a cluster, point the variable at a file system every node mounts, so one node's work serves all)."""
+    return Path(os.environ.get("LIGHTNING_OOD_CACHE") or Path.home() / ".cache" / "lightning_ood")
+
+
 def default_cache_dir() -> Path:
-    """Where passed checks are remembered: ``$LIGHTNING_OOD_CACHE`` or ``~/.cache/lightning_ood``, then
-    ``imglist_checks``."""
-    base = os.environ.get("LIGHTNING_OOD_CACHE") or Path.home() / ".cache" / "lightning_ood"
-    return Path(base) / "imglist_checks"
+    """Where passed checks are remembered: :func:`cache_base`, then ``imglist_checks``."""
+    return cache_base() / "imglist_checks"
 
 
 def check_imglist(
