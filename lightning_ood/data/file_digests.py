@@ -25,28 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 from tqdm.auto import tqdm
 
-from lightning_ood.data.imglist import cache_base
+from lightning_ood.data.file_checks import PROGRESS_MIN, cache_base, threaded_map
 from lightning_ood.derived_state import rank_zero_decides
 from lightning_ood.distributed import all_gather_objects, distributed_world
 
 #: Bytes per digest (BLAKE2b-128): a collision among 10^9 files has probability about 10^-21.
 DIGEST_SIZE = 16
-#: A progress bar is shown (on rank 0) when its share has at least this many files to hash.
-PROGRESS_MIN = 2000
-#: Files handed to the thread pool at a time, and per task.
-_CHUNK, _BLOCK = 4096, 32
 _FORMAT = "lightning-ood file digests v1"
-T = TypeVar("T")
 
 
 def digest_cache_dir() -> Path:
@@ -117,19 +110,6 @@ def _save(path: Path, key: str, stats: _Stats) -> None:
         rank_zero_warn(f"file digests not remembered ({error}); the next start hashes these files again")
 
 
-def _threaded(fn: Callable[[int], T], items: np.ndarray, workers: int) -> Iterator[T]:
-    """``fn(i)`` for each of ``items``, in order, by ``workers`` threads: ``_BLOCK`` items per task (so a stat
-    costs a stat, not a future), ``_CHUNK`` items in flight at a time (never a million futures at once)."""
-
-    def block(start: int) -> list[T]:
-        return [fn(i) for i in items[start : start + _BLOCK].tolist()]
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for chunk in range(0, len(items), _CHUNK):
-            for values in pool.map(block, range(chunk, min(chunk + _CHUNK, len(items)), _BLOCK)):
-                yield from values
-
-
 def _my_share(
     files: Sequence[str | os.PathLike],
     rows: np.ndarray,
@@ -139,7 +119,7 @@ def _my_share(
     progress: str | None,
 ) -> tuple[_Stats, int]:
     """``(stats of files[rows], how many were hashed)``: remembered digests where a file is unchanged."""
-    stats = list(_threaded(lambda i: os.stat(files[i]), rows, workers))
+    stats = list(threaded_map(lambda i: os.stat(files[i]), rows, workers))
     size = np.array([s.st_size for s in stats], dtype=np.int64)
     mtime = np.array([s.st_mtime_ns for s in stats], dtype=np.int64)
     digests = np.zeros((len(rows), DIGEST_SIZE), dtype=np.uint8)
@@ -151,7 +131,7 @@ def _my_share(
     show = progress is not None and len(todo) >= PROGRESS_MIN
     with tqdm(total=len(todo), desc=progress, disable=not show, leave=False, unit="file") as bar:
         for position, value in zip(
-            todo, _threaded(lambda j: digest(int(rows[j])), todo, workers), strict=True
+            todo, threaded_map(lambda j: digest(int(rows[j])), todo, workers), strict=True
         ):
             digests[position] = np.frombuffer(value, dtype=np.uint8)
             bar.update()
