@@ -1,4 +1,4 @@
-"""Shared test settings: CPU only, few threads, W&B offline and quiet."""
+"""Shared test settings: CPU only, few threads, W&B offline and quiet, caches in a temporary folder."""
 
 import os
 from pathlib import Path
@@ -18,6 +18,14 @@ torch.set_num_threads(1)
 def _repo_root(monkeypatch):
     """Run every test from the repository root so config paths resolve."""
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """Data checks and file digests are remembered in a folder of the test session, not in ``~/.cache``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LIGHTNING_OOD_CACHE", str(tmp_path_factory.mktemp("lightning_ood_cache")))
+        yield
 
 
 @pytest.fixture

@@ -291,27 +291,45 @@ def test_eval_loaders_shard_without_padding_under_ddp(monkeypatch: pytest.Monkey
         )
 
 
+def _ddp_data(folder: str) -> OODDataModule:
+    """``tiny()`` and an image folder of 7 files whose row 3 (rank 1's share of 2 ranks) cannot be read."""
+    options = {"path": f"{folder}/images", "skip_unreadable": True}
+    return tiny(ood_sets=[*tiny().ood_sets, OODSetSpec("folder", "imagefolder", "far", options=options)])
+
+
 def _ddp_worker(rank: int, world: int, folder: str) -> None:
     torch.set_num_threads(1)  # as DataLoader workers do: a forked child must not reuse the parent's pool
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world
     )
+    checked: list[Path] = []  # the files this rank decodes to check the folder (setup without prepare_data)
+    reason = sources_torchvision.unreadable_reason
+    sources_torchvision.unreadable_reason = lambda path: checked.append(Path(path)) or reason(path)  # forked
     try:
-        dm = tiny()
+        dm = _ddp_data(folder)
         dm.setup()
         shards = [all_batches(dl)[0] for dl in dm.test_dataloader()]
-        torch.save(shards, f"{folder}/rank{rank}.pt")
+        torch.save((shards, [p.name for p in checked]), f"{folder}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_real_ddp_scores_every_test_image_once(tmp_path: Path) -> None:
+def test_real_ddp_scores_every_test_image_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(7):
+        write_png(tmp_path / "images" / f"a{i}.png", (6, 5))
+    (tmp_path / "images" / "a3.png").write_bytes(b"")
     # fork: the children inherit the imports, which would take most of this test's time under spawn
     torch.multiprocessing.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")
-    dm = tiny()
-    dm.setup()
+    decoded: list[object] = []
+    monkeypatch.setattr(sources_torchvision, "unreadable_reason", lambda path: decoded.append(path))
+    dm = _ddp_data(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"(?s)left out 1 of 7 .*a3\.png"):
+        dm.setup()
+    assert decoded == []  # the ranks' result, remembered by rank 0
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [names for _, names in ranks] == [[f"a{i}.png" for i in range(r, 7, 2)] for r in range(2)]
+    assert len(dm.test_dataloader()) == 4 and len(dm.test_dataloader()[3].dataset) == 6
     for k, loader in enumerate(dm.test_dataloader()):
         images, _ = all_batches(loader)
-        assert all(torch.equal(ranks[r][k], images[r::2]) for r in range(2))  # rank r: r, r + 2, ...
+        assert all(torch.equal(ranks[r][0][k], images[r::2]) for r in range(2))  # rank r: r, r + 2, ...

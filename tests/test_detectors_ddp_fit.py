@@ -4,19 +4,34 @@ ReAct (exact distributed percentile) and the linear probe (data-parallel trainin
 (the fit loader's) and on one where a rank gets no fit batch, in float32 and float64. The ranks score different
 numbers of test batches (3, 1 and none), which must not hang the sharded KNN's collective rounds, also with
 two sharded banks scored together and an empty DDP slot. HeatmapOOD's
-sharded target pass is put back in dataset order. With no data on any rank every rank raises."""
+sharded target passes (ID training images and auxiliary outliers, also fewer outliers than ranks) are put back in
+dataset order and its sharded target search gives the targets of one process. The aux-vs-test file digests
+(each rank hashes its share; a cache rank 0 writes serves the next call and a 1-process run) equal one process,
+and a missing file raises on every rank. With no data on any rank every rank raises."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from ddp_helpers import module_state_digest, run_ddp  # tests/ddp_helpers.py
 
-from lightning_ood.contract import CONSUMABLES
+from lightning_ood.contract import CONSUMABLES, ModelOutputs
+from lightning_ood.data.disjoint import array_digests
+from lightning_ood.data.file_digests import bytes_digest, file_digests
 from lightning_ood.detectors import KNN, DetectorInputs, LinearProbe, ReAct
 from lightning_ood.detectors.base import begin_scoring
 from lightning_ood.detectors.defaults import default_detectors
-from lightning_ood.methods.heatmap_targets import Described, gather_described
+from lightning_ood.distributed import distributed_world
+from lightning_ood.methods.heatmap_targets import (
+    Described,
+    describe,
+    gather_described,
+    id_image_reader,
+    outlier_targets,
+)
 
 N, D, WORLD = 101, 12, 3
 QUERY_BATCHES = {0: [(0, 3), (3, 6), (6, 9)], 1: [(9, 15)], 2: []}  # rank -> test rows it scores, per batch
@@ -97,7 +112,7 @@ def _shard(rank: int, split: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t[bounds[0] : bounds[1]] for t in tensors]
 
 
-def _fit_worker(rank: int, cached_state: dict) -> dict[str, dict[str, torch.Tensor]]:
+def _fit_worker(rank: int, cached_state: dict, folder: str) -> dict[str, dict[str, torch.Tensor]]:
     results = {}
     batches = QUERY_BATCHES[rank]
     for dtype in (torch.float32, torch.float64):
@@ -124,8 +139,64 @@ def _fit_worker(rank: int, cached_state: dict) -> dict[str, dict[str, torch.Tens
     )
     together = gather_described(mine)
     results["described"] = (together.features, together.logits, together.keys)
-    results["digests"] = _fitted_state_digests(shard, shard_labels, head)
+    results["heatmap_targets"] = {m: _heatmap_targets(m) for m in (40, 2)}  # 2 outliers: one rank has none
+    results["digests"] = _digests(folder)
+    results["state_digests"] = _fitted_state_digests(shard, shard_labels, head)
     return results
+
+
+def _heatmap_images(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(
+        0, 256, (n, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def _classifier(images: torch.Tensor) -> ModelOutputs:
+    """A frozen 'classifier' in exact integer arithmetic (the same numbers in any batch composition)."""
+    weights = torch.tensor([[1.0, 0, 2], [0, 1, 0], [3, 0, 1], [0, 2, 1]])
+    features = images.flatten(1).float() @ weights
+    return ModelOutputs(
+        logits=features @ torch.tensor([[1.0, -1, 0], [0, 1, -1], [-1, 0, 1]]), features=features
+    )
+
+
+def _heatmap_targets(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HeatmapOOD's ``on_fit_start`` passes on synthetic images: each rank describes its share (rows
+    ``r, r + W, ...``) of the ID training images and of ``m`` outliers, gathers both, searches its share of the
+    targets. Returns the outliers' features, target rows and looked-up target images."""
+    rank, world = distributed_world()
+    id_train, outliers = _heatmap_images(N, 1), _heatmap_images(m, 2)
+
+    def batches(images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        share = images[rank::world]
+        return [(share[i : i + 7], torch.zeros(0)) for i in range(0, len(share), 7)]
+
+    def passes(images: torch.Tensor) -> Described:
+        return gather_described(describe(batches(images), _classifier, array_digests, "test", False))
+
+    id_pass, aux_pass = passes(id_train), passes(outliers)
+    targets = outlier_targets(id_pass, aux_pass, id_image_reader(id_train), chunk_size=9)
+    return aux_pass.features, targets.rows, targets.lookup(array_digests(outliers))
+
+
+def _digests(folder: str) -> dict[str, object]:
+    """File digests over the ranks, twice (the second from the cache rank 0 wrote), and with a missing file."""
+    files = sorted(Path(folder, "files").iterdir())
+    hashed: list[int] = []
+
+    def counting(i: int) -> bytes:
+        hashed.append(i)
+        return bytes_digest(files[i])
+
+    cache = Path(folder, "cache")
+    first = file_digests(files, digest=counting, cache_dir=cache)
+    second = file_digests(files, digest=counting, cache_dir=cache)
+    try:
+        file_digests([*files, Path(folder, "missing.bin")], cache_dir=cache, what="aux files")
+        error = "no error"
+    except OSError as err:
+        error = str(err)
+    return {"first": first, "second": second, "hashed": list(hashed), "error": error}
 
 
 def _fitted_state_digests(train, labels, head) -> dict[str, dict[str, str]]:
@@ -151,11 +222,16 @@ def _fitted_state_digests(train, labels, head) -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_sharded_fits_on_three_processes_equal_one_process() -> None:
+def test_sharded_fits_on_three_processes_equal_one_process(tmp_path: Path) -> None:
     train, labels, test, head = _data(torch.float32)
     one = KNN(k=4, chunk_size=9)
     _fit(one, train, labels, head)
-    results = run_ddp(_fit_worker, one.state_dict(), world_size=WORLD, timeout=300)
+    (tmp_path / "files").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):  # file 7 holds the bytes of file 2
+        content = rng.bytes(3000) if i < 7 else (tmp_path / "files" / "2.bin").read_bytes()
+        (tmp_path / "files" / f"{i}.bin").write_bytes(content)
+    results = run_ddp(_fit_worker, one.state_dict(), str(tmp_path), world_size=WORLD, timeout=300)
     exact = ("knn", "knn_subset", "knn_replicated", "react", "react_threshold", "react_cap_above_n")
     exact += ("react_cap_above_n_threshold",)
     for dtype in (torch.float32, torch.float64):
@@ -174,8 +250,8 @@ def test_sharded_fits_on_three_processes_equal_one_process() -> None:
                     )
                 # Subsampling is an estimate that depends on the world size; it ran and kept a value in range.
                 assert 0 < float(got["react_subsampled_threshold"]) < float(_data(dtype)[0].max())
-    assert all(ddp["digests"] == results[0]["digests"] for ddp in results[1:])  # rank-independent state
-    assert {"knn", "mahalanobis", "vim", "react"} <= results[0]["digests"].keys()
+    assert all(ddp["state_digests"] == results[0]["state_digests"] for ddp in results[1:])  # rank-independent
+    assert {"knn", "mahalanobis", "vim", "react"} <= results[0]["state_digests"].keys()
     for rank, ddp in enumerate(results):
         cached = ddp["cached"]
         torch.testing.assert_close(cached["knn"], single_knn(test, head, rank), rtol=0, atol=1e-6)
@@ -187,6 +263,26 @@ def test_sharded_fits_on_three_processes_equal_one_process() -> None:
         features, logits, keys = ddp["described"]
         assert torch.equal(logits[:, 0], torch.arange(N).float()) and features.shape == (N, 3)
         assert keys == [str(i).encode() for i in range(N)]
+        for m, got in ddp["heatmap_targets"].items():  # the aux target pass and search equal one process
+            for name, a, b in zip(("features", "rows", "images"), got, _heatmap_targets(m), strict=True):
+                assert torch.equal(a, b), (rank, m, name)
+        digests = ddp["digests"]
+        files = sorted((tmp_path / "files").iterdir())
+        reference = np.stack([np.frombuffer(bytes_digest(f), np.uint8) for f in files])
+        np.testing.assert_array_equal(digests["first"], reference)
+        np.testing.assert_array_equal(digests["second"], reference)
+        assert (digests["first"][7] == digests["first"][2]).all()  # the duplicate file
+        assert digests["hashed"] == list(
+            range(rank, 8, WORLD)
+        )  # its share, once: the second call hashed nothing
+        # file 8 (missing) is rank 2's: every rank raises, naming it
+        assert "cannot hash the aux files (9 files): rank 2: FileNotFoundError" in digests["error"], digests[
+            "error"
+        ]
+    hashed: list[int] = []  # the cache rank 0 wrote serves a 1-process run
+    again = file_digests(files, digest=lambda i: hashed.append(i) or b"", cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(again, reference)
+    assert hashed == []
 
 
 def _span(rank: int) -> tuple[int, int]:

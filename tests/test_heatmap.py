@@ -10,7 +10,12 @@ import torch
 from lightning_ood.data.datasets import ImageDataset
 from lightning_ood.data.outliers import split_outliers
 from lightning_ood.detectors.knn import nearest_euclidean
-from lightning_ood.methods.heatmap_targets import OutlierTargets, pixel_keys, same_class_nearest
+from lightning_ood.methods.heatmap_targets import (
+    OutlierTargets,
+    id_image_reader,
+    pixel_keys,
+    same_class_nearest,
+)
 from lightning_ood.nets.heatmap_decoder import (
     HeatmapDecoder,
     heatmap_loss,
@@ -118,18 +123,38 @@ def test_targets_are_looked_up_by_content() -> None:
     mean, std = torch.tensor([0.5]), torch.tensor([0.25])
     uint8 = torch.randint(0, 256, (4, 1, 3, 3), dtype=torch.uint8)
     normalised = (uint8.float() / 255 - mean) / std
+    id_train = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 3, 3)
     targets = OutlierTargets(
-        images=torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 1, 3, 3),
-        rows=torch.arange(4),
+        rows=torch.tensor([7, 3, 9, 3]),  # outlier i's target: ID training image rows[i]
         index={k: i for i, k in enumerate(pixel_keys(normalised, mean, std))},
+        read=id_image_reader(id_train),
     )
     picked = targets.lookup(
-        pixel_keys(normalised[[2, 0]].half(), mean, std)
+        pixel_keys(normalised[[2, 0, 3]].half(), mean, std)
     )  # any precision gives the same keys
-    assert picked[:, 0, 0, 0].tolist() == [2, 0]
+    assert picked.shape == (3, 1, 3, 3) and picked[:, 0, 0, 0].tolist() == [9, 7, 3]
     shifted = normalised.roll(1, dims=-1)  # an augmented outlier is not among the precomputed ones
     with pytest.raises(RuntimeError, match="aux_transforms: \\[\\]"):
         targets.lookup(pixel_keys(shifted[:1], mean, std))
+
+
+def test_target_images_are_read_from_files_as_from_memory(tmp_path) -> None:
+    """A file-backed ID training set gives the target images a tensor of the same images gives (decoded per
+    batch instead of kept)."""
+    from PIL import Image
+
+    from lightning_ood.data.datasets import LazyImages
+
+    images = torch.randint(
+        0, 256, (5, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    files = []
+    for i, image in enumerate(images):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(image[0].numpy(), mode="L").save(files[-1])
+    rows = torch.tensor([4, 0, 4, 2])
+    from_files = id_image_reader(LazyImages(files, channels=1, size=6))(rows)
+    assert torch.equal(from_files, images[rows]) and torch.equal(id_image_reader(images)(rows), images[rows])
 
 
 def test_held_out_outliers_are_disjoint_from_training_outliers() -> None:

@@ -220,7 +220,8 @@ class OODDataModule(AuxiliaryOutliers, FolderScoring, LightningDataModule):
     # ----------------------------------------------------------------------------------- building
     def prepare_data(self) -> None:
         """Download the sources that need it (only when ``download``), and run the checks that are too costly
-        for every rank at every start, once per node (e.g. that every file of an image list is an image)."""
+        for every rank at every start, once per node (e.g. that every file of an image list or image folder is
+        an image; remembered, so that ``setup`` on every rank only reads the result)."""
         others = [(s, s.name) for s in self.ood_sets]
         others += [
             (spec, key)

@@ -9,8 +9,9 @@ OOD set. One list is one set; the source's ``split`` is ``"all"``.
 Cost at scale (ImageNet-1K's training list has 1.28M lines): building the set only parses the list (about a
 second per million lines) and keeps the paths as strings; images are decoded on access, per batch, in the
 DataLoader's workers. The expensive check that every listed file exists and is an image runs in
-``prepare_data`` (once per node, before any rank builds a set) and is remembered by the content hash of the
-list and the image folder, so a second start skips it (:func:`check_imglist`).
+``prepare_data`` (once per node, before any rank builds a set) and a pass is remembered by the content hash of
+the list and the image folder, so a second start skips it (:func:`check_imglist`,
+:mod:`lightning_ood.data.file_checks`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TVF
 
+from lightning_ood.data.file_checks import cache_file, checked_problems, load_problems
 from lightning_ood.data.sources import RawSet
 from lightning_ood.data.sources_torchvision import LISTED_UNREADABLE
 
@@ -138,16 +139,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _marker(list_file: Path, folder: Path, check: str, cache_dir: Path) -> Path:
-    key = f"{file_sha256(list_file)}\0{folder.resolve()}\0{check}"
-    return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.ok"
-
-
-def default_cache_dir() -> Path:
-    """Where passed checks are remembered: ``$LIGHTNING_OOD_CACHE`` or ``~/.cache/lightning_ood``, then
-    ``imglist_checks``."""
-    base = os.environ.get("LIGHTNING_OOD_CACHE") or Path.home() / ".cache" / "lightning_ood"
-    return Path(base) / "imglist_checks"
+def _check_key(list_file: Path, folder: Path, check: str) -> str:
+    """What decides a list's check: the list's content hash, the image folder and the check."""
+    key = f"imglist\0{file_sha256(list_file)}\0{folder.resolve()}\0{check}"
+    return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=20).hexdigest()
 
 
 def check_imglist(
@@ -161,7 +156,10 @@ def check_imglist(
 
     ``check``: ``"exists"`` (a stat per file), ``"open"`` (PIL reads the header: an empty, missing or non-image
     file fails; the default), ``"decode"`` (every file fully decoded: also truncated files; hours for
-    ImageNet-1K on few cores) or ``"off"``. Run by ``OODDataModule.prepare_data``.
+    ImageNet-1K on few cores) or ``"off"``. Run by ``OODDataModule.prepare_data`` (once per node), in a pool
+    of threads with a progress bar on rank 0; a pass is remembered in ``cache_dir`` (default
+    ``$LIGHTNING_OOD_CACHE/file_checks``, :mod:`lightning_ood.data.file_checks`). A failure is not: the list's
+    hash does not change when a file is fixed, so the next start checks again.
 
     Returns:
         ``True`` when the check ran, ``False`` when it was skipped (``off``, or passed before).
@@ -177,22 +175,26 @@ def check_imglist(
         return False
     if not path.is_file():
         raise FileNotFoundError(f"image list {path} does not exist. {GET_DATA}")
-    marker = _marker(path, folder, check, cache_dir or default_cache_dir())
-    if marker.is_file():  # passed before: the list is not even parsed again
+    key = _check_key(path, folder, check)
+    if load_problems(cache_file(key, cache_dir), key, None) == []:  # passed before: the list is not parsed
         return False
     files, _ = parse_imglist(path)
     prefix = str(folder) + os.sep
-    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:  # PIL releases the GIL
-        reasons = list(pool.map(_problem, (prefix + f for f in files), [check] * len(files), chunksize=256))
-    bad = [(n, files[n], r) for n, r in enumerate(reasons) if r is not None]
+    bad, _ = checked_problems(
+        [prefix + f for f in files],
+        lambda file: _problem(os.fspath(file), check),
+        key,
+        collective=False,
+        remember_failures=False,
+        cache_dir=cache_dir,
+        what=f"image list {path.name}",
+    )
     if bad:
-        listed = "".join(f"\n  - line {n + 1}: {folder / f}: {r}" for n, f, r in bad[:LISTED_UNREADABLE])
+        listed = "".join(f"\n  - line {n + 1}: {folder / files[n]}: {r}" for n, r in bad[:LISTED_UNREADABLE])
         more = f"\n  (and {len(bad) - LISTED_UNREADABLE} more)" if len(bad) > LISTED_UNREADABLE else ""
         raise OSError(
             f"image list {path}: {len(bad)} of {len(files)} files fail check={check!r}:{listed}{more}"
         )
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{path}\n{len(files)} files passed check={check!r}\n")
     return True
 
 

@@ -80,9 +80,14 @@ class AuxiliaryOutliers:
             rank_zero_info(f"OODDataModule: {len(ood_val)} OOD validation images ({self.ood_val_set.source})")
         return self._splits["ood_val"]
 
-    def aux_fit_dataloader(self) -> DataLoader:
-        """Every auxiliary outlier (training and held-out part), **not augmented**, not shuffled, not sharded:
-        for precomputing per-outlier training targets on every rank."""
+    def aux_fit_dataloader(self, sharded: bool = True) -> DataLoader:
+        """Every auxiliary outlier (training and held-out part), **not augmented**, not shuffled: for precomputing
+        per-outlier training targets. Sharded under DDP as :meth:`fit_dataloader` (each outlier on exactly one
+        rank: rows ``r, r + W, ...``; put the shares together with
+        :func:`~lightning_ood.methods.heatmap_targets.gather_described`); ``sharded=False``: every rank gets
+        every outlier."""
+        if sharded:
+            return self._loaders.unpadded(self._dataset_for("aux_all"))
         return self._loaders.plain(self._dataset_for("aux_all"), self.eval_batch_size, shuffle=False)
 
     def aux_dataloader(self, batch_size: int | None = None) -> DataLoader:

@@ -13,7 +13,7 @@ from typing import Any
 from lightning_ood.data import imglist as openood
 from lightning_ood.data import sources as off
 from lightning_ood.data.sources import RawSet
-from lightning_ood.data.sources_torchvision import imagefolder, torchvision_builder
+from lightning_ood.data.sources_torchvision import check_imagefolder, imagefolder, torchvision_builder
 
 SPLITS = ("train", "test", "all")
 
@@ -31,7 +31,8 @@ class Source:
         uses_root: whether ``build`` reads from the DataModule's ``root``.
         prepare: ``prepare(split, root, download)``, run by ``prepare_data`` (the only place that downloads).
         check: ``check(root=root, **options)``, run by ``prepare_data`` once per node before any set is built:
-            a check too costly for every rank at every start (e.g. that every file of a list is an image).
+            a check too costly for every rank at every start (e.g. that every file of a list or folder is an
+            image), remembered so that ``build`` (on every rank) and later starts only read its result.
     """
 
     build: Callable[..., RawSet]
@@ -65,7 +66,7 @@ SOURCES: dict[str, Source] = {
     "cifar10": _torchvision_source("cifar10", 10, 3, 32),
     "cifar100": _torchvision_source("cifar100", 100, 3, 32),
     "svhn": _torchvision_source("svhn", 10, 3, 32),
-    "imagefolder": Source(imagefolder, None, uses_root=True),
+    "imagefolder": Source(imagefolder, None, uses_root=True, check=check_imagefolder),
     "imglist": Source(openood.imglist, None, uses_root=True, check=openood.check_imglist),
 }
 

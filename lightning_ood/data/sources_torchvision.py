@@ -6,24 +6,34 @@
 - ``imagefolder``: any local folder (DTD/Textures, Places365, LSUN, iSUN, ImageNet-O, your own images). When
   the folder holds no images itself but has sub-folders, each sub-folder with images is a class (torchvision's
   ``ImageFolder`` layout); otherwise every image under it, recursively, is one unlabelled set. Images are
-  decoded on access, so a folder of any size costs no memory up front. Every file is decoded once when the
-  set is built, so that an unreadable one (empty, truncated, not an image) fails then, listed with the
-  others, and not midway through an evaluation; with the option ``skip_unreadable: true`` they are left out
-  with a warning giving their count, and the set holds only the readable images.
+  decoded on access, so a folder of any size costs no memory up front. Every file must decode
+  (:func:`unreadable_reason`), so that an unreadable one (empty, truncated, not an image) fails when the set
+  is built, listed with the others, and not midway through an evaluation; with the option
+  ``skip_unreadable: true`` they are left out with a warning giving their count, and the set holds only the
+  readable images.
+
+  Cost at scale: building the set lists the folder (a stat per file, about 10-15 us each on a local disk) on
+  every rank. The decode check runs once per node in ``prepare_data`` (:func:`check_imagefolder`) and is
+  remembered by the listing (paths, sizes, modification times: :mod:`lightning_ood.data.file_checks`), so
+  ``setup`` and every later start only read that result. Without it (no ``Trainer``, a cache that could not
+  be written), ``setup`` checks the files itself, each DDP rank its share.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import PIL
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, UnidentifiedImageError
 
+from lightning_ood.data.file_checks import Problems, checked_problems, listing_key
 from lightning_ood.data.sources import RawSet
 
 if TYPE_CHECKING:
@@ -82,17 +92,35 @@ def torchvision_builder(name: str) -> tuple[Callable[..., RawSet], Callable[...,
     return build, prepare
 
 
-def _image_files(folder: Path, recursive: bool) -> list[Path]:
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+#: What an image folder's check is, in its cache key: a PIL upgrade may read other files.
+_CHECK = f"imagefolder: read_image decodes (PIL {PIL.__version__})"
 
 
-def imagefolder(path: str, root: str | None = None, skip_unreadable: bool = False) -> RawSet:
-    """Every readable image under ``path`` (relative: under ``root``); see the module docstring.
+def _image_files(folder: Path, recursive: bool) -> list[tuple[Path, os.stat_result]]:
+    """The image files under ``folder``, sorted, each with its ``stat`` (the one ``Path.is_file`` would take)."""
+    listed = []
+    for path in folder.rglob("*") if recursive else folder.iterdir():
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            try:
+                status = path.stat()
+            except (OSError, ValueError):  # as Path.is_file: a broken link or an unreadable entry is no file
+                continue
+            if stat.S_ISREG(status.st_mode):
+                listed.append((path, status))
+    return sorted(listed, key=lambda entry: entry[0])
 
-    Raises:
-        OSError: listing the files that cannot be decoded (unless ``skip_unreadable``).
-    """
+
+@dataclass(frozen=True)
+class _Listing:
+    """An image folder as listed: every image file (``raw``, none checked yet) and the key of the listing."""
+
+    folder: Path
+    raw: RawSet
+    key: str
+
+
+def _list_folder(path: str, root: str | None) -> _Listing:
+    """List the folder ``path`` (relative: under ``root``): no file is opened."""
     folder = Path(path) if Path(path).is_absolute() or root is None else Path(root) / path
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist (imagefolder option path={path!r})")
@@ -100,23 +128,70 @@ def imagefolder(path: str, root: str | None = None, skip_unreadable: bool = Fals
         [] if _image_files(folder, recursive=False) else sorted(d for d in folder.iterdir() if d.is_dir())
     )
     per_class = [_image_files(d, recursive=True) for d in class_dirs]
-    classes = [(d.name, files) for d, files in zip(class_dirs, per_class, strict=True) if files]
+    classes = [(d.name, listed) for d, listed in zip(class_dirs, per_class, strict=True) if listed]
     if classes:
-        files = [f for _, fs in classes for f in fs]
-        labels = np.concatenate([np.full(len(fs), c, dtype=np.int64) for c, (_, fs) in enumerate(classes)])
-        return _readable(folder, RawSet(files, labels, tuple(name for name, _ in classes)), skip_unreadable)
-    files = _image_files(folder, recursive=True)
-    if not files:
-        raise FileNotFoundError(
-            f"image folder {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    return _readable(folder, RawSet(files, np.full(len(files), -1, dtype=np.int64)), skip_unreadable)
+        entries = [entry for _, listed in classes for entry in listed]
+        labels = np.concatenate([np.full(len(ls), c, dtype=np.int64) for c, (_, ls) in enumerate(classes)])
+        names = tuple(name for name, _ in classes)
+    else:
+        entries = _image_files(folder, recursive=True)
+        if not entries:
+            raise FileNotFoundError(
+                f"image folder {folder} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        labels, names = np.full(len(entries), -1, dtype=np.int64), ()
+    files = [f for f, _ in entries]
+    size = np.array([s.st_size for _, s in entries], dtype=np.int64)
+    mtime = np.array([s.st_mtime_ns for _, s in entries], dtype=np.int64)
+    key = listing_key(_CHECK, [str(f) for f in files], size, mtime)
+    return _Listing(folder, RawSet(files, labels, names), key)
 
 
-def unreadable_reason(path: Path) -> str | None:
+def imagefolder(path: str, root: str | None = None, skip_unreadable: bool = False) -> RawSet:
+    """Every readable image under ``path`` (relative: under ``root``); see the module docstring.
+
+    Lists the folder; the decode check is the one remembered for this listing (by ``prepare_data``,
+    :func:`check_imagefolder`, or an earlier start), else it runs here, split over the DDP ranks (every rank
+    builds its sets at the same point of ``setup``).
+
+    Raises:
+        OSError: listing the files that cannot be decoded (unless ``skip_unreadable``).
+    """
+    listing = _list_folder(path, root)
+    problems, _ = checked_problems(
+        listing.raw.images,
+        unreadable_reason,
+        listing.key,
+        collective=True,
+        what=f"image folder {listing.folder}",
+    )
+    return _readable(listing.folder, listing.raw, skip_unreadable, problems)
+
+
+def check_imagefolder(path: str, root: str | None = None, skip_unreadable: bool = False) -> bool:
+    """Decode every file of the folder once and remember which fail, by the folder's listing (paths, sizes,
+    modification times); run by ``OODDataModule.prepare_data`` (local rank 0 of each node, no collective).
+    A later :func:`imagefolder` of the same listing opens no file. Nothing is raised for unreadable files here:
+    every rank's ``setup`` fails (or, with ``skip_unreadable``, warns) alike, from the remembered result.
+
+    Returns:
+        ``True`` when the files were checked, ``False`` when the result was remembered from before.
+    """
+    listing = _list_folder(path, root)
+    _, checked = checked_problems(
+        listing.raw.images,
+        unreadable_reason,
+        listing.key,
+        collective=False,
+        what=f"image folder {listing.folder}",
+    )
+    return checked
+
+
+def unreadable_reason(path: str | os.PathLike) -> str | None:
     """Why :func:`read_image` cannot decode ``path``, or ``None`` when it can."""
     try:
-        read_image(path)
+        read_image(Path(path))
     except OSError as err:
         cause = err.__cause__ or err
         return (
@@ -125,14 +200,12 @@ def unreadable_reason(path: Path) -> str | None:
     return None
 
 
-def _readable(folder: Path, raw: RawSet, skip: bool) -> RawSet:
-    """``raw`` without its unreadable files when ``skip`` (with a warning); else fail listing them."""
+def _readable(folder: Path, raw: RawSet, skip: bool, problems: Problems) -> RawSet:
+    """``raw`` without the files of ``problems`` when ``skip`` (with a warning); else fail listing them."""
     files: list[Path] = raw.images  # type: ignore[assignment]
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        reasons = list(pool.map(unreadable_reason, files))
-    bad = [(f, r) for f, r in zip(files, reasons, strict=True) if r is not None]
-    if not bad:
+    if not problems:
         return raw
+    bad = [(files[row], reason) for row, reason in problems]
     listed = "".join(f"\n  - {f}: {r}" for f, r in bad[:LISTED_UNREADABLE])
     more = f"\n  (and {len(bad) - LISTED_UNREADABLE} more)" if len(bad) > LISTED_UNREADABLE else ""
     if not skip:
@@ -140,7 +213,8 @@ def _readable(folder: Path, raw: RawSet, skip: bool) -> RawSet:
             f"image folder {folder}: {len(bad)} of {len(files)} image files cannot be read:{listed}{more}\n"
             "Fix or remove them, or set `skip_unreadable: true` in this set's options to leave them out."
         )
-    keep = np.array([r is None for r in reasons])
+    keep = np.ones(len(files), dtype=bool)
+    keep[[row for row, _ in problems]] = False
     if not keep.any():
         raise OSError(
             f"image folder {folder}: none of its {len(files)} image files can be read:{listed}{more}"

@@ -37,6 +37,7 @@ from lightning_ood.methods.heatmap_targets import (
     OutputCache,
     describe,
     gather_described,
+    id_image_reader,
     outlier_targets,
     pixel_keys,
     targets_fingerprint,
@@ -189,8 +190,9 @@ class HeatmapOOD(OODMethod):
         self.pixel_std = torch.tensor(dm.std, dtype=torch.float32, device=self.device)
 
     def on_fit_start(self) -> None:
-        """Feature range and outlier targets, once, from the frozen classifier (the ID training pass sharded over
-        the ranks, the outlier targets then computed on every rank)."""
+        """Feature range and outlier targets, once, from the frozen classifier: the ID training pass, the outlier
+        pass and the target search each sharded over the ranks, their results gathered in dataset order
+        (:mod:`~lightning_ood.methods.heatmap_targets`, which gives the memory per rank)."""
         super().on_fit_start()
         fresh, computed_from = check_fresh(
             self._derived,
@@ -210,16 +212,14 @@ class HeatmapOOD(OODMethod):
         def keys(images: Tensor) -> list[bytes]:
             return pixel_keys(images, self.pixel_mean, self.pixel_std)
 
-        def id_images(rows: Tensor) -> Tensor:  # uint8 ID training images, not augmented
-            return torch.stack([dm.fit_dataset[int(r)][0] for r in rows])
-
         # Sharded like the detector fits: each rank describes its share, then the shares are put together.
         id_train = gather_described(describe(dm.fit_dataloader(), forward, keys, "ID train", progress))
         self.feature_min.fill_(float(id_train.features.min()))
         self.feature_max.fill_(float(id_train.features.max()))
-        aux = describe(dm.aux_fit_dataloader(), forward, keys, "outliers", progress)
+        aux = gather_described(describe(dm.aux_fit_dataloader(), forward, keys, "outliers", progress))
+        read = id_image_reader(dm.fit_dataset.images)  # uint8 ID training images, not augmented
+        self.targets = outlier_targets(id_train, aux, read, self.hparams.target_chunk_size)
         self.cache = OutputCache.of(id_train, aux)
-        self.targets = outlier_targets(id_train, aux, id_images, self.hparams.target_chunk_size)
         stamp(self._derived, "targets", computed_from)
         rank_zero_info(
             f"HeatmapOOD: features in [{self.feature_min.item():.4g}, {self.feature_max.item():.4g}] over "
