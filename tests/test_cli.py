@@ -168,18 +168,18 @@ def test_bad_ood_set_on_the_command_line_names_the_set():
 
 
 def test_adding_a_detector_fits_only_the_new_one_in_one_pass(trained, tmp_path, monkeypatch):
-    import lightning_ood.methods.base as base
+    import lightning_ood.methods.detector_fitting as fitting
 
     cli, _ = trained
     ckpt = cli.trainer.checkpoint_callback.best_model_path
     passes: list[list[str]] = []
-    real = base.fit_detectors
+    real = fitting.fit_detectors
 
     def spy(detectors, batches, describe, **kwargs):
         passes.append([d.name for d in detectors])
         return real(detectors, batches, describe, **kwargs)
 
-    monkeypatch.setattr(base, "fit_detectors", spy)
+    monkeypatch.setattr(fitting, "fit_detectors", spy)
     dets = (
         '[{"class_path": "lightning_ood.detectors.Mahalanobis"}, {"class_path": "lightning_ood.detectors.RMD"}, '
         '{"class_path": "lightning_ood.detectors.KNN", "init_args": {"k": 5, "name": "knn5"}}]'
