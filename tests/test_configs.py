@@ -96,3 +96,21 @@ def test_config_instantiates(group: str, path: Path, request: pytest.FixtureRequ
     cli = OODCLI(args=args)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes
+
+
+def test_every_detector_config_lists_every_detector_and_instantiates() -> None:
+    """``configs/detectors/every.yaml`` (the results page's every-detector evaluation) names every exported
+    detector class and builds on a classifier: each detector accepts what the method provides."""
+    from lightning_ood import detectors
+
+    cli = OODCLI(args=[*BASE, "--config", str(CONFIGS / "detectors" / "every.yaml"), *CPU])
+    classes = {type(d).__name__ for d in cli.model.detectors.values()}
+    exported = {
+        name
+        for name in detectors.__all__
+        if isinstance(getattr(detectors, name), type)
+        and issubclass(getattr(detectors, name), detectors.Detector)
+        and name != "Detector"
+    }
+    assert classes == exported and len(exported) >= 35
+    assert "mahalanobis_per_class" in cli.model.detectors
