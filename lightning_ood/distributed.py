@@ -44,6 +44,16 @@ def all_gather_cat(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_gather_stack(tensor: Tensor) -> Tensor:
+    """``[W, ...]``: every rank's ``tensor`` (the same shape and dtype on every rank), stacked in rank order, in
+    one ``all_gather``; ``tensor[None]`` outside distributed runs. NCCL needs it on the GPU."""
+    if not _distributed():
+        return tensor[None]
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.stack(out)
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's picklable ``obj``, in rank order (``[obj]`` outside distributed runs)."""
     if not _distributed():

@@ -3,9 +3,10 @@ merged across ranks, also with a bank subset, a replicated bank and a 1-process 
 ReAct (exact distributed percentile) and the linear probe (data-parallel training); on an interleaved split
 (the fit loader's) and on one where a rank gets no fit batch, in float32 and float64. The ranks score different
 numbers of test batches (3, 1 and none), which must not hang the sharded KNN's collective rounds, also with
-two sharded banks scored together and an empty DDP slot. HeatmapOOD's
-sharded target passes (ID training images and auxiliary outliers, also fewer outliers than ranks) are put back in
-dataset order and its sharded target search gives the targets of one process. The aux-vs-test file digests
+two sharded banks scored together and an empty DDP slot. HeatmapOOD's sharded target passes (ID training
+images and auxiliary outliers, also fewer outliers or ID images than ranks) and its target search over each
+rank's share of the ID features, merged by (distance, dataset row), give the targets of one process, ties
+included (and those equal brute force), also for a class no ID image is predicted as. The aux-vs-test file digests
 (each rank hashes its share; a cache rank 0 writes serves the next call and a 1-process run) equal one process,
 and a missing file raises on every rank. With no data on any rank every rank raises."""
 
@@ -28,9 +29,11 @@ from lightning_ood.distributed import distributed_world
 from lightning_ood.methods.heatmap_targets import (
     Described,
     describe,
+    feature_range,
     gather_described,
     id_image_reader,
     outlier_targets,
+    share_rows,
 )
 
 N, D, WORLD = 101, 12, 3
@@ -139,7 +142,7 @@ def _fit_worker(rank: int, cached_state: dict, folder: str) -> dict[str, dict[st
     )
     together = gather_described(mine)
     results["described"] = (together.features, together.logits, together.keys)
-    results["heatmap_targets"] = {m: _heatmap_targets(m) for m in (40, 2)}  # 2 outliers: one rank has none
+    results["heatmap_targets"] = {case: _heatmap_targets(*args) for case, args in HEATMAP_CASES.items()}
     results["digests"] = _digests(folder)
     results["state_digests"] = _fitted_state_digests(shard, shard_labels, head)
     return results
@@ -160,23 +163,65 @@ def _classifier(images: torch.Tensor) -> ModelOutputs:
     )
 
 
-def _heatmap_targets(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """HeatmapOOD's ``on_fit_start`` passes on synthetic images: each rank describes its share (rows
-    ``r, r + W, ...``) of the ID training images and of ``m`` outliers, gathers both, searches its share of the
-    targets. Returns the outliers' features, target rows and looked-up target images."""
+# case -> (outliers, ID training images, drop the ID images predicted as class 2)
+HEATMAP_CASES = {
+    "ties": (40, N, False),
+    "one_rank_without_outliers": (2, N, False),  # 2 outliers on 3 ranks
+    "orphan_class": (40, N, True),
+    "one_rank_without_id_images": (7, 2, False),
+}
+
+
+def _heatmap_sets(m: int, n: int, orphan: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ID training images (rows ``j`` and ``j + 50`` identical: on other ranks, equally near every outlier) and
+    ``m`` outliers, the first ten copies of ID rows ``50 ..`` (distance 0 to two ID rows: the lower must win)."""
+    id_train = _heatmap_images(N, 1)
+    id_train[50:] = id_train[:51].clone()
+    if orphan:
+        id_train = id_train[_classifier(id_train).logits.argmax(1) != 2]
+    id_train = id_train[:n]
+    outliers = _heatmap_images(m, 2)
+    copies = min(10, m, max(len(id_train) - 50, 0))
+    outliers[:copies] = id_train[50 : 50 + copies]
+    return id_train, outliers
+
+
+def _heatmap_targets(m: int, n: int, orphan: bool) -> tuple[torch.Tensor, ...]:
+    """HeatmapOOD's ``on_fit_start`` passes on synthetic images, without the output cache: each rank describes
+    its share (rows ``r, r + W, ...``) of the ID training images, which it keeps, and of the ``m`` outliers,
+    which are gathered; the target search runs on each rank's ID share and merges. Returns the outliers'
+    features, target rows, looked-up target images and the feature range."""
     rank, world = distributed_world()
-    id_train, outliers = _heatmap_images(N, 1), _heatmap_images(m, 2)
+    id_train, outliers = _heatmap_sets(m, n, orphan)
 
     def batches(images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         share = images[rank::world]
         return [(share[i : i + 7], torch.zeros(0)) for i in range(0, len(share), 7)]
 
-    def passes(images: torch.Tensor) -> Described:
-        return gather_described(describe(batches(images), _classifier, array_digests, "test", False))
+    id_share = describe(batches(id_train), _classifier, None, "test", False)
+    aux = gather_described(
+        describe(batches(outliers), _classifier, array_digests, "test", False), logits=False
+    )
+    rows = share_rows(len(id_train), len(id_share.features))
+    targets = outlier_targets(id_share, rows, aux, id_image_reader(id_train), chunk_size=9)
+    span = torch.tensor(feature_range(id_share))
+    return aux.features, targets.rows, targets.lookup(array_digests(outliers)), span
 
-    id_pass, aux_pass = passes(id_train), passes(outliers)
-    targets = outlier_targets(id_pass, aux_pass, id_image_reader(id_train), chunk_size=9)
-    return aux_pass.features, targets.rows, targets.lookup(array_digests(outliers))
+
+def _brute_force_targets(m: int, n: int, orphan: bool) -> tuple[np.ndarray, int, int]:
+    """The targets by brute force (float64 distances, the first of equal ones), how many outliers have more
+    than one nearest ID row and how many have a class no ID image is predicted as."""
+    id_train, outliers = _heatmap_sets(m, n, orphan)
+    ids, outs = _classifier(id_train), _classifier(outliers)
+    id_f, id_c = ids.features.double().numpy(), ids.logits.argmax(1).numpy()
+    rows, ties, orphans = [], 0, 0
+    for f, c in zip(outs.features.double().numpy(), outs.logits.argmax(1).numpy(), strict=True):
+        orphans += int(not (id_c == c).any())
+        candidates = np.arange(len(id_c)) if not (id_c == c).any() else np.flatnonzero(id_c == c)
+        distances = ((id_f[candidates] - f) ** 2).sum(1)
+        rows.append(candidates[distances.argmin()])
+        ties += int((distances == distances.min()).sum() > 1)
+    return np.array(rows), ties, orphans
 
 
 def _digests(folder: str) -> dict[str, object]:
@@ -263,9 +308,18 @@ def test_sharded_fits_on_three_processes_equal_one_process(tmp_path: Path) -> No
         features, logits, keys = ddp["described"]
         assert torch.equal(logits[:, 0], torch.arange(N).float()) and features.shape == (N, 3)
         assert keys == [str(i).encode() for i in range(N)]
-        for m, got in ddp["heatmap_targets"].items():  # the aux target pass and search equal one process
-            for name, a, b in zip(("features", "rows", "images"), got, _heatmap_targets(m), strict=True):
-                assert torch.equal(a, b), (rank, m, name)
+        for case, got in ddp["heatmap_targets"].items():  # the sharded passes and search equal one process
+            one = _heatmap_targets(*HEATMAP_CASES[case])
+            for name, a, b in zip(("features", "rows", "images", "range"), got, one, strict=True):
+                assert torch.equal(a, b), (rank, case, name)
+    for (
+        case,
+        args,
+    ) in HEATMAP_CASES.items():  # one process against brute force, with the ties and orphans set up
+        rows, ties, orphans = _brute_force_targets(*args)
+        np.testing.assert_array_equal(_heatmap_targets(*args)[1].numpy(), rows, err_msg=case)
+        assert ties >= {"ties": 10, "one_rank_without_outliers": 2, "orphan_class": 10}.get(case, 0), case
+        assert (orphans > 0) == (case in ("orphan_class", "one_rank_without_id_images")), case
         digests = ddp["digests"]
         files = sorted((tmp_path / "files").iterdir())
         reference = np.stack([np.frombuffer(bytes_digest(f), np.uint8) for f in files])

@@ -10,11 +10,13 @@ import torch
 from lightning_ood.data.datasets import ImageDataset
 from lightning_ood.data.outliers import split_outliers
 from lightning_ood.detectors.knn import nearest_euclidean
+from lightning_ood.methods.heatmap_search import NO_ROW, merge_nearest, nearest_in_share, same_class_nearest
 from lightning_ood.methods.heatmap_targets import (
+    CACHE_LIMIT_BYTES,
     OutlierTargets,
+    cache_outputs,
     id_image_reader,
     pixel_keys,
-    same_class_nearest,
 )
 from lightning_ood.nets.heatmap_decoder import (
     HeatmapDecoder,
@@ -117,6 +119,55 @@ def test_a_class_without_id_images_falls_back_to_every_class() -> None:
     with pytest.warns(UserWarning, match=r"class\(es\) \[1\]"):
         got = same_class_nearest(torch.tensor([[4.0]]), torch.tensor([1]), bank, bank_cls)
     assert got.tolist() == [1]
+
+
+def test_merge_takes_the_least_distance_and_ties_go_to_the_lowest_dataset_row() -> None:
+    inf = float("inf")
+    distances = torch.tensor([[1.0, 2, inf, 0], [1, 1, 3, 0], [0.5, 2, 3, 0]], dtype=torch.float64)
+    indices = torch.tensor([[9, 4, NO_ROW, 7], [3, 8, 5, 2], [20, 1, 6, 11]])  # [W = 3 shares, Q = 4 queries]
+    assert merge_nearest(distances, indices).tolist() == [20, 8, 5, 2]
+    gen = torch.Generator().manual_seed(0)  # many ties: small integer distances, rows dealt to the shares
+    distances = torch.randint(0, 3, (4, 50), generator=gen).double()
+    indices = torch.randperm(200, generator=gen).view(4, 50)
+    expected = [min(zip(distances[:, q].tolist(), indices[:, q].tolist(), strict=True))[1] for q in range(50)]
+    assert merge_nearest(distances, indices).tolist() == expected
+    with pytest.raises(RuntimeError, match="no ID training image on any rank"):
+        merge_nearest(torch.full((2, 1), inf, dtype=torch.float64), torch.full((2, 1), NO_ROW))
+
+
+@pytest.mark.parametrize("chunk", [2, 8192])
+def test_searching_shares_and_merging_equals_the_whole_bank(chunk: int) -> None:
+    """The search as DDP ranks run it, here in one process: the bank dealt to 4 shares (one empty), each
+    searched, merged; with exact ties (rows duplicated on other shares, ties to the lower row) and a class that
+    no bank row has (any class)."""
+    gen = torch.Generator().manual_seed(3)
+    bank = torch.randint(0, 4, (40, 3), generator=gen).double()
+    bank[20:] = bank[:20]  # rows j and j + 20 on other shares: ties go to j
+    bank_cls = torch.randint(0, 3, (20,), generator=gen).repeat(2)
+    queries = torch.cat([bank[20:30], torch.randint(0, 4, (15, 3), generator=gen).double()])
+    query_cls = torch.cat(
+        [bank_cls[20:30], torch.randint(0, 4, (15,), generator=gen)]
+    )  # class 3: no bank row
+    with pytest.warns(UserWarning, match=r"class\(es\) \[3\]"):
+        whole = same_class_nearest(queries, query_cls, bank, bank_cls, chunk)
+    assert (whole[:10] == torch.arange(10)).all() and (query_cls == 3).any()
+    present, parts = bank_cls.unique(), []
+    shares = [torch.arange(0, 40, 4), torch.arange(1, 40, 4), torch.arange(2, 40, 4).repeat_interleave(2)]
+    shares[2][1::2] += 1  # 2, 3, 6, 7, ...: ascending rows, not interleaved
+    for rows in [*shares, torch.zeros(0, dtype=torch.long)]:  # and an empty share
+        parts.append(nearest_in_share(queries, query_cls, bank[rows], bank_cls[rows], rows, present, chunk))
+    merged = merge_nearest(torch.stack([d for d, _ in parts]), torch.stack([i for _, i in parts]))
+    assert merged.tolist() == whole.tolist()
+
+
+def test_the_output_cache_is_automatic_below_the_limit(caplog) -> None:
+    assert cache_outputs(None, 100, 20, 512, 10) and cache_outputs(True, 10**7, 10**5, 2048, 1000)
+    assert not cache_outputs(False, 100, 20, 512, 10)
+    n = CACHE_LIMIT_BYTES // (4 * 3000)  # (n + m) x (D + K) x 4 bytes just at, then above, the limit
+    assert cache_outputs(None, n - 10, 10, 2000, 1000)
+    with caplog.at_level("INFO"):
+        assert not cache_outputs(None, n - 10, 11, 2000, 1000)
+    assert "not caching the classifier's outputs" in caplog.text and str(n - 10) in caplog.text
 
 
 def test_targets_are_looked_up_by_content() -> None:

@@ -165,6 +165,27 @@ def test_training_loss_is_the_weighted_squared_error(run) -> None:
     assert got[:5].max() < got[5:].max()  # sanity: ID images start near their own target
 
 
+def test_training_without_the_output_cache_is_the_same(run, tmp_path: Path) -> None:
+    """``cache_classifier_outputs=false``: nothing cached, every training step and the detector fit run the
+    frozen classifier; the same feature range, targets, trained decoder and scores as the fixture's run (auto:
+    tiny data is cached)."""
+    cli, ckpt, _ = run
+    args = [*heatmap_args(ckpt), *FAST, *csv_logger(tmp_path), "--trainer.max_epochs=2"]
+    uncached = train([*args, "--model.init_args.cache_classifier_outputs=false"])
+    model, cached = uncached.model, cli.model
+    assert cached.cache is not None and model.cache is None
+    images = next(iter(cli.datamodule.fit_dataloader()))[0]
+    assert model._cached_outputs(images) is None  # the detector fit ran the classifier
+    assert torch.equal(model.targets.rows, cached.targets.rows)
+    assert (model.feature_min, model.feature_max) == (cached.feature_min, cached.feature_max)
+    for key, value in cached.decoder.state_dict().items():
+        torch.testing.assert_close(model.decoder.state_dict()[key], value, rtol=0, atol=1e-5, msg=key)
+    first, second = rows_by_key(cli), rows_by_key(uncached)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert first[key]["auroc"] == pytest.approx(second[key]["auroc"], abs=1e-6), key
+
+
 def test_evaluating_the_decoder_checkpoint_repeats_the_scores(run, tmp_path: Path) -> None:
     """A fresh process rebuilds everything from the decoder's checkpoint and the classifier's file; its detector
     fit runs the classifier (no cache), where training's test read the classifier's cached training outputs."""

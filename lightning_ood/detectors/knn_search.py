@@ -80,6 +80,15 @@ def nearest_euclidean(queries: Tensor, bank: Tensor, chunk_size: int = 8192) -> 
     Returns:
         ``[B]`` long indices into ``bank``.
     """
+    return nearest_euclidean_distances(queries, bank, chunk_size)[1]
+
+
+def nearest_euclidean_distances(
+    queries: Tensor, bank: Tensor, chunk_size: int = 8192
+) -> tuple[Tensor, Tensor]:
+    """:func:`nearest_euclidean` with the distances: ``([B] float64 squared distance, [B] long index)`` of the
+    nearest ``bank`` row of every query (a search over a share of the bank, merged across shares by HeatmapOOD's
+    targets). Same arguments; ``N >= 1``."""
     if bank.shape[0] == 0:
         raise ValueError("nearest_euclidean needs a non-empty bank")
     q = queries.detach().double()
@@ -93,4 +102,4 @@ def nearest_euclidean(queries: Tensor, bank: Tensor, chunk_size: int = 8192) -> 
         closer = value < best  # strict: an equal distance in a later chunk keeps the lower index
         best = torch.where(closer, value, best)
         index = torch.where(closer, where + start, index)
-    return index
+    return best, index

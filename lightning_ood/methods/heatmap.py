@@ -33,13 +33,17 @@ from lightning_ood.distributed import all_reduce_sum
 from lightning_ood.frozen import load_method
 from lightning_ood.methods.base import OODMethod
 from lightning_ood.methods.heatmap_targets import (
+    Described,
     OutlierTargets,
     OutputCache,
+    cache_outputs,
     describe,
+    feature_range,
     gather_described,
     id_image_reader,
     outlier_targets,
     pixel_keys,
+    share_rows,
     targets_fingerprint,
 )
 from lightning_ood.nets.heatmap_decoder import (
@@ -72,7 +76,13 @@ class HeatmapOOD(OODMethod):
         img_size: side of the heatmap; ``None``: the image size recorded in the classifier's checkpoint. The
             data's ``image_size`` must equal it.
         latent_dim, width: decoder sizes (:class:`~lightning_ood.nets.heatmap_decoder.HeatmapDecoder`).
-        target_chunk_size: ID training features per chunk of the exact nearest-neighbour search for targets.
+        target_chunk_size: ID training features (and outliers) per block of the exact nearest-neighbour search
+            for targets.
+        cache_classifier_outputs: keep the frozen classifier's outputs on every ID training image and outlier
+            (float32 ``(N + M) x (D + K)``, gathered to every rank) so training steps skip its forward pass;
+            ``False``: nothing is gathered but the outliers' features, and every step runs the classifier (the
+            same values: eval mode, fixed weights); ``None`` (auto): cache when that is at most 2 GiB
+            (:data:`~lightning_ood.methods.heatmap_targets.CACHE_LIMIT_BYTES`), else not, saying so in the log.
         optimizer: injected; default the paper's Adam (lr 2e-4, betas (0.5, 0.999)).
         detectors: library detectors on the classifier's outputs (``None``: every applicable one).
         detector_cache: cache fitted detector statistics beside the tested checkpoint.
@@ -91,6 +101,7 @@ class HeatmapOOD(OODMethod):
         latent_dim: int = 100,
         width: int = 64,
         target_chunk_size: int = 8192,
+        cache_classifier_outputs: bool | None = None,
         optimizer: OptimizerCallable = _adam_paper,
         detectors: Sequence[Detector] | None = None,
         detector_cache: bool = True,
@@ -117,6 +128,7 @@ class HeatmapOOD(OODMethod):
         self.register_frozen("classifier", classifier, source=path)
         with torch.no_grad():
             dim = classifier.forward_outputs(torch.zeros(2, in_chans, self.img_size, self.img_size)).features
+        self.feature_dim = int(dim.shape[1])
         self.decoder = HeatmapDecoder(dim.shape[1], num_classes, self.img_size, in_chans, latent_dim, width)
         # global min / max of the ID training features (set when training starts, saved in the checkpoint)
         self.register_buffer("feature_min", torch.zeros(()))
@@ -191,8 +203,9 @@ class HeatmapOOD(OODMethod):
 
     def on_fit_start(self) -> None:
         """Feature range and outlier targets, once, from the frozen classifier: the ID training pass, the outlier
-        pass and the target search each sharded over the ranks, their results gathered in dataset order
-        (:mod:`~lightning_ood.methods.heatmap_targets`, which gives the memory per rank)."""
+        pass and the target search each sharded over the ranks; only the outliers' features are gathered, and
+        the ID training outputs too when caching them (:mod:`~lightning_ood.methods.heatmap_targets`, which gives
+        the memory per rank)."""
         super().on_fit_start()
         fresh, computed_from = check_fresh(
             self._derived,
@@ -212,18 +225,32 @@ class HeatmapOOD(OODMethod):
         def keys(images: Tensor) -> list[bytes]:
             return pixel_keys(images, self.pixel_mean, self.pixel_std)
 
-        # Sharded like the detector fits: each rank describes its share, then the shares are put together.
-        id_train = gather_described(describe(dm.fit_dataloader(), forward, keys, "ID train", progress))
-        self.feature_min.fill_(float(id_train.features.min()))
-        self.feature_max.fill_(float(id_train.features.max()))
-        aux = gather_described(describe(dm.aux_fit_dataloader(), forward, keys, "outliers", progress))
+        id_loader, aux_loader = dm.fit_dataloader(), dm.aux_fit_dataloader()
+        n, m = len(id_loader.dataset), len(aux_loader.dataset)
+        cache = cache_outputs(
+            self.hparams.get("cache_classifier_outputs"), n, m, self.feature_dim, self.trained_on["classes"]
+        )
+        # Sharded like the detector fits: each rank describes its share; the ID share stays on its rank.
+        id_share = describe(id_loader, forward, keys if cache else None, "ID train", progress)
+        low, high = feature_range(id_share, self.device)
+        self.feature_min.fill_(low)
+        self.feature_max.fill_(high)
+        aux = gather_described(
+            describe(aux_loader, forward, keys, "outliers", progress), logits=cache, device=self.device
+        )
+        id_rows = share_rows(n, len(id_share.features))
         read = id_image_reader(dm.fit_dataset.images)  # uint8 ID training images, not augmented
-        self.targets = outlier_targets(id_train, aux, read, self.hparams.target_chunk_size)
-        self.cache = OutputCache.of(id_train, aux)
+        if not cache:  # only the share's features and classes go on to the search (not its logits)
+            id_share = Described(
+                id_share.features, torch.zeros(len(id_share.features), 0), [], id_share.classes
+            )
+        chunk = self.hparams.target_chunk_size
+        self.targets = outlier_targets(id_share, id_rows, aux, read, chunk, self.device)
+        self.cache = OutputCache.of(gather_described(id_share, device=self.device), aux) if cache else None
         stamp(self._derived, "targets", computed_from)
         rank_zero_info(
             f"HeatmapOOD: features in [{self.feature_min.item():.4g}, {self.feature_max.item():.4g}] over "
-            f"{len(id_train.features)} ID training images; targets for {len(aux.features)} outliers"
+            f"{n} ID training images; targets for {len(aux.features)} outliers"
         )
 
     def outlier_targets(self, outliers: Tensor) -> Tensor:
@@ -237,9 +264,9 @@ class HeatmapOOD(OODMethod):
     def per_image_loss(self, images: Tensor, targets: Tensor) -> Tensor:
         """``[B]`` decoder loss of normalised ``images`` against ``targets`` in ``[-1, 1]``.
 
-        The classifier's outputs come from :attr:`cache` when every image is a (not augmented) training image
-        or outlier seen when training started, else from a forward pass of the frozen classifier: the same
-        values either way (eval mode, fixed weights).
+        The classifier's outputs come from :attr:`cache` (when ``cache_classifier_outputs``) when every image
+        is a (not augmented) training image or outlier seen when training started, else from a forward pass of
+        the frozen classifier: the same values either way (eval mode, fixed weights).
         """
         cached = self._cached_outputs(images)
         h = self.forward_outputs(images).extras[HEATMAP] if cached is None else self.decode(cached)
@@ -256,7 +283,8 @@ class HeatmapOOD(OODMethod):
 
     def _describe(self, batch: Any) -> tuple[DetectorInputs, Tensor]:
         """The detector fit pass reads the classifier's outputs on the ID training images from :attr:`cache`
-        when training just computed them (``train.py`` tests in the same process), else runs the classifier."""
+        when training just computed them (``train.py`` tests in the same process, caching), else runs the
+        classifier."""
         images, targets = batch
         cached = self._cached_outputs(images) if self._trainer is not None else None
         if cached is None:

@@ -2,7 +2,7 @@
 
 An ID image's target is itself. An auxiliary outlier's target is the ID training image, among those the frozen
 classifier *predicts* as the outlier's predicted class, whose pooled penultimate feature is Euclidean-nearest
-to the outlier's (exact, chunked search: :func:`~lightning_ood.detectors.knn.nearest_euclidean`).
+to the outlier's (exact, chunked: :mod:`~lightning_ood.methods.heatmap_search`).
 
 Outliers reach the training step as images, without their row in the auxiliary set, so a target is looked up
 by the outlier's content: the BLAKE2b digest of its uint8 pixels (:func:`pixel_keys`). Identical images have
@@ -11,16 +11,18 @@ to be augmented (``data.init_args.aux_transforms: []``): an augmented outlier is
 and the lookup fails with a message saying so.
 
 Under DDP both passes of the frozen classifier (the ID training images, then every auxiliary outlier) are
-sharded: each rank describes its share (an ``UnpaddedDistributedSampler`` loader) and :func:`gather_described`
-puts the shares together in dataset order, and each rank searches the targets of its share of the outliers
-(:func:`outlier_targets`), the ``[M]`` target rows then gathered the same way. What every rank keeps (the
-training step may draw any outlier on any rank): the classifier's outputs on the ``N`` ID training images and
-the ``M`` outliers (:class:`OutputCache`, float32 ``(N + M) x (D + K)``), one content key per image, and the
-``[M]`` target rows; the target *images* are not copied but read from the ID training set when a batch asks
-for them (:func:`id_image_reader`). At ImageNet-1K scale (N = 1.28M, ResNet-50: D = 2048, K = 1000) with
-M = 100k outliers that is about 16.8 GB of cached outputs and ~0.2 GB of keys per rank, whatever the number of
-ranks (the cache is built by concatenating the two passes, so about twice that at its peak); the 224 px target
-images, kept before, would have added 15 GB per rank.
+sharded: each rank describes its share (an ``UnpaddedDistributedSampler`` loader: rank ``r`` of ``W`` holds
+rows ``r, r + W, ...``). The ID training features stay where they were computed: the feature range is an
+all-reduce of each share's min / max (:func:`feature_range`) and the target search runs every outlier against
+each rank's share and merges the ``[M]`` best (distance, dataset index) pairs (:func:`outlier_targets`). Only
+the outliers' pass is gathered to every rank (:func:`gather_described`; ``M x D`` float32 features, predicted
+classes and 16-byte digests: 0.8 GB for M = 100k, D = 2048), and freed after the search but for the digests.
+What every rank keeps (the training step may draw any outlier on any rank): one content key per outlier, the
+``[M]`` target rows, and, only when HeatmapOOD caches the classifier's outputs
+(``cache_classifier_outputs``, :func:`cache_outputs`), those on the ``N`` ID training images and the ``M``
+outliers (:class:`OutputCache`, float32 ``(N + M) x (D + K)``, gathered; 16.8 GB at ImageNet-1K with ResNet-50
+and M = 100k, which is why it is not cached there by default). The target *images* are not copied but read
+from the ID training set when a batch asks for them (:func:`id_image_reader`).
 """
 
 from __future__ import annotations
@@ -32,15 +34,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_ood.contract import ModelOutputs
 from lightning_ood.data.disjoint import array_digests
 from lightning_ood.derived_state import fingerprint
-from lightning_ood.detectors.knn import nearest_euclidean
-from lightning_ood.distributed import all_gather_cat, all_gather_objects, distributed_world, gathered_order
+from lightning_ood.distributed import (
+    all_gather_cat,
+    all_gather_objects,
+    all_reduce_max,
+    distributed_world,
+    gathered_order,
+)
+from lightning_ood.methods.heatmap_search import sharded_nearest
+
+#: Largest classifier-output cache that ``cache_classifier_outputs=None`` (auto) builds, in bytes (2 GiB).
+CACHE_LIMIT_BYTES = 2 * 1024**3
 
 
 def targets_fingerprint(method: Any) -> str:
@@ -65,47 +76,6 @@ def pixel_keys(images: Tensor, mean: Tensor, std: Tensor) -> list[bytes]:
     """
     pixels = images.detach().float().cpu() * std.cpu().view(1, -1, 1, 1) + mean.cpu().view(1, -1, 1, 1)
     return array_digests(pixels.mul(255).round().clamp(0, 255).to(torch.uint8))
-
-
-def same_class_nearest(
-    queries: Tensor,
-    query_classes: Tensor,
-    bank: Tensor,
-    bank_classes: Tensor,
-    chunk_size: int = 8192,
-    warn: bool = True,
-) -> Tensor:
-    """For every query, the row of the Euclidean-nearest ``bank`` row of the same class; ``[Q]`` long.
-
-    Args:
-        queries: ``[Q, D]`` outlier features; query_classes: ``[Q]`` their predicted classes.
-        bank: ``[N, D]`` ID training features; bank_classes: ``[N]`` their predicted classes.
-        chunk_size: bank rows per chunk of the exact search.
-        warn: warn (on rank 0) about classes without candidates (below).
-
-    A class that no ID training image is predicted as (a weak classifier) has no candidates: its outliers fall
-    back to the nearest ID training image of any class, with a warning.
-    """
-    rows = torch.empty(len(queries), dtype=torch.long)
-    orphans = []
-    for c in query_classes.unique().tolist():
-        picked = (query_classes == c).nonzero().squeeze(1)
-        candidates = (bank_classes == c).nonzero().squeeze(1)
-        if len(candidates) == 0:
-            orphans.append(c)
-            candidates = torch.arange(len(bank))
-        nearest = nearest_euclidean(queries[picked], bank[candidates], chunk_size)
-        rows[picked] = candidates[nearest.cpu()]
-    if orphans and warn:
-        _warn_orphans(orphans)
-    return rows
-
-
-def _warn_orphans(orphans: list[int]) -> None:
-    rank_zero_warn(
-        f"HeatmapOOD targets: no ID training image is predicted as class(es) {orphans}; their outliers get the "
-        "nearest ID training image of any class as target"
-    )
 
 
 @dataclass
@@ -148,15 +118,21 @@ def id_image_reader(images: Tensor | Sequence[Tensor]) -> Callable[[Tensor], Ten
 
 @dataclass
 class Described:
-    """Features ``[N, D]``, logits ``[N, K]`` (float32, CPU) and pixel digests of a pass over a set."""
+    """Features ``[N, D]``, logits ``[N, K]`` (float32, CPU) and pixel digests of a pass over a set; ``predicted``
+    ``[N]`` the predicted classes where the logits were not kept (``[N, 0]``, :func:`gather_described`)."""
 
     features: Tensor
     logits: Tensor
     keys: list[bytes]
+    predicted: Tensor | None = None
 
     @property
     def classes(self) -> Tensor:
         """``[N]`` predicted classes."""
+        if self.predicted is not None:
+            return self.predicted
+        if len(self.logits) == 0:
+            return torch.zeros(0, dtype=torch.long)
         return self.logits.argmax(dim=1)
 
 
@@ -190,34 +166,83 @@ def _dataset_rows(n: int, world: int) -> Tensor:
     return in_order
 
 
-def gather_described(mine: Described) -> Described:
+def gather_described(mine: Described, logits: bool = True, device: torch.device | None = None) -> Described:
     """Every rank's :class:`Described` share of a sharded pass (an ``UnpaddedDistributedSampler`` loader: rank
-    ``r`` of ``W`` described rows ``r, r + W, ...``), put together in dataset order; a collective. So a pass
-    over the ID training images or the outliers costs each rank ``1 / W`` of the forward passes; only the
-    ``[N, D]`` features, logits and 16-byte digests are exchanged. One process: ``mine``."""
+    ``r`` of ``W`` described rows ``r, r + W, ...``), put together in dataset order; a collective. Exchanged: the
+    ``[N, D]`` features, the ``[N, K]`` logits (``logits=False``: only the ``[N]`` predicted classes, the result's
+    logits ``[N, 0]``) and the 16-byte digests, through ``device`` (NCCL needs the GPU; the result is on the CPU).
+    One process: ``mine`` (its logits dropped when ``logits=False``)."""
     _, world = distributed_world()
     if world == 1:
-        return mine
+        if logits:
+            return mine
+        return Described(mine.features, mine.logits[:, :0], mine.keys, mine.classes)
     parts = all_gather_objects(
         (len(mine.features), mine.features.shape[1:], mine.logits.shape[1:], mine.keys)
     )
     keys = [key for *_, part in parts for key in part]
     # a rank that described nothing holds [0, 0]: it takes the others' widths so the shares concatenate
     widths = next(((f, g) for n, f, g, _ in parts if n), (mine.features.shape[1:], mine.logits.shape[1:]))
-    features = all_gather_cat(mine.features.reshape(len(mine.features), *widths[0]))
-    logits = all_gather_cat(mine.logits.reshape(len(mine.logits), *widths[1]))
+
+    def gather(t: Tensor) -> Tensor:
+        return all_gather_cat(t.to(device)).cpu()
+
+    features = gather(mine.features.reshape(len(mine.features), *widths[0]))
     in_order = _dataset_rows(len(features), world)
-    return Described(features[in_order], logits[in_order], [keys[i] for i in in_order.tolist()])
+    if logits:
+        scores = gather(mine.logits.reshape(len(mine.logits), *widths[1]))[in_order]
+        classes = None
+    else:
+        classes = gather(mine.classes)[in_order]
+        scores = torch.zeros(len(features), 0)
+    return Described(features[in_order], scores, [keys[i] for i in in_order.tolist()], classes)
 
 
-def gather_rows(mine: Tensor) -> Tensor:
-    """Every rank's share (rows ``r, r + W, ...``) of a per-row result ``[n_r, ...]``, in dataset order
-    (``[n, ...]``); a collective, as :func:`gather_described`. One process: ``mine``."""
-    _, world = distributed_world()
-    if world == 1:
-        return mine
-    gathered = all_gather_cat(mine)
-    return gathered[_dataset_rows(len(gathered), world)]
+def share_rows(n: int, n_mine: int) -> Tensor:
+    """``[n_mine]`` the dataset rows of this rank's share of a sharded pass over ``n`` images (rank ``r`` of
+    ``W``: ``r, r + W, ...``); fails when the share does not have that size (a loader that is not sharded so)."""
+    rank, world = distributed_world()
+    rows = torch.arange(rank, n, world)
+    if len(rows) != n_mine:
+        raise RuntimeError(
+            f"HeatmapOOD targets: rank {rank} of {world} described {n_mine} of {n} ID training images, expected "
+            f"{len(rows)} (rows {rank}, {rank} + {world}, ...); the datamodule's fit_dataloader() must deal the "
+            "images with an UnpaddedDistributedSampler, not shuffled"
+        )
+    return rows
+
+
+def feature_range(mine: Described, device: torch.device | None = None) -> tuple[float, float]:
+    """``(min, max)`` of every rank's ID training features (one ``all_reduce`` of two numbers; a rank without
+    images contributes nothing); a collective."""
+    if mine.features.numel():
+        here = torch.tensor([-float(mine.features.min()), float(mine.features.max())], dtype=torch.float64)
+    else:
+        here = torch.full((2,), -float("inf"), dtype=torch.float64)
+    neg_low, high = all_reduce_max(here.to(device)).tolist()
+    if high == -float("inf"):
+        raise RuntimeError(
+            "HeatmapOOD: no ID training image on any rank; the ID training split must not be empty"
+        )
+    return -neg_low, high
+
+
+def cache_outputs(option: bool | None, n: int, m: int, dim: int, classes: int) -> bool:
+    """Whether to cache the classifier's outputs on the ``n`` ID training images and ``m`` outliers:
+    ``option`` if given, else (``None``, auto) when ``(n + m) (dim + classes) 4`` bytes, the float32 cache on
+    every rank, is at most :data:`CACHE_LIMIT_BYTES`; logs one line (rank 0) when auto decides not to."""
+    size = (n + m) * (dim + classes) * 4
+    if option is not None:
+        return bool(option)
+    if size <= CACHE_LIMIT_BYTES:
+        return True
+    rank_zero_info(
+        f"HeatmapOOD: not caching the classifier's outputs: ({n} ID training images + {m} outliers) x ({dim} "
+        f"features + {classes} logits) x 4 B = {size / 1e9:.1f} GB per rank exceeds the "
+        f"{CACHE_LIMIT_BYTES / 1e9:.1f} GB limit; training runs the frozen classifier on every batch "
+        "(model.init_args.cache_classifier_outputs=true caches anyway)"
+    )
+    return False
 
 
 @dataclass
@@ -248,27 +273,24 @@ class OutputCache:
 
 
 def outlier_targets(
-    id_train: Described,
+    id_share: Described,
+    id_rows: Tensor,
     outliers: Described,
     read_images: Callable[[Tensor], Tensor],
     chunk_size: int = 8192,
+    device: torch.device | None = None,
 ) -> OutlierTargets:
-    """Targets of ``outliers`` among the ``id_train`` images (both every rank's, in dataset order;
-    ``read_images``: ID training rows -> uint8 images). Under DDP each rank searches its share of the outliers
-    (rows ``r, r + W, ...``) and the target rows are gathered (:func:`gather_rows`): the same rows as one process,
-    ``1 / W`` of the search per rank. A collective."""
-    rank, world = distributed_world()
-    orphans = sorted(set(outliers.classes.unique().tolist()) - set(id_train.classes.unique().tolist()))
-    if orphans:
-        _warn_orphans(orphans)
-    share = slice(rank, None, world)
-    mine = same_class_nearest(
-        outliers.features[share],
-        outliers.classes[share],
-        id_train.features,
-        id_train.classes,
-        chunk_size,
-        warn=False,
+    """Targets of ``outliers`` (every rank's, in dataset order) among the ID training images, of which this rank
+    holds ``id_share`` (features and predictions; ``id_rows`` ``[n]`` their dataset rows). Each rank searches
+    every outlier in its share and the ranks merge by (distance, dataset row)
+    (:func:`~lightning_ood.methods.heatmap_search.sharded_nearest`): the same rows as one process, no ID
+    features exchanged; ``device`` carries the collectives (NCCL needs the GPU). ``read_images``: ID training
+    rows -> uint8 images. A collective."""
+    features = id_share.features
+    if len(features) == 0:  # a rank without ID images holds [0, 0]
+        features = torch.zeros(0, outliers.features.shape[1])
+    rows = sharded_nearest(
+        outliers.features, outliers.classes, features, id_share.classes, id_rows, chunk_size, device
     )
     index = {key: i for i, key in enumerate(outliers.keys)}  # duplicates share features, hence the target
-    return OutlierTargets(rows=gather_rows(mine), index=index, read=read_images)
+    return OutlierTargets(rows=rows, index=index, read=read_images)
