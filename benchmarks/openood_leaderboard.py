@@ -38,6 +38,18 @@ DETECTORS = {
     "VIM": "vim",
     "ReAct": "react",
     "ASH": "ash",
+    "OpenMax": "openmax",
+    "TempScale": "temperature_scaled_msp",
+    "Gram": "gram",
+    "GradNorm": "grad_norm",
+    "KLM": "kl_matching",
+    "DICE": "dice",
+    "RankFeat": "rank_feat",
+    "SHE": "she",
+    "SCALE": "scale",
+    "fDBD": "fdbd",
+    "NCI": "nci",
+    "WeiPer+KLD": "weiper_kld",
 }
 
 

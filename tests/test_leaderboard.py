@@ -27,6 +27,7 @@ def test_converter_copies_the_standard_classifiers_rows_verbatim(tmp_path: Path)
     rows = {
         "cifar10": ["CrossEntropy,MSP,88.03 ± 0.25,90.73 ± 0.43,95.06 ± 0.30,No,ResNet18,100 epochs",
                     "CrossEntropy,TempScale,1.00 ± 0.10,2.00 ± 0.20,95.06 ± 0.30,No,ResNet18,100 epochs",
+                    "CrossEntropy,NAC,3.00 ± 0.10,4.00 ± 0.20,95.06 ± 0.30,No,ResNet18,100 epochs",
                     "LogitNorm,MSP,9.00 ± 0.10,9.00 ± 0.20,94.00 ± 0.30,No,ResNet18,100 epochs"],
         "cifar100": [], "imagenet200_ood": [],
         "imagenet1k_ood": ["CrossEntropy,KNN,71.10,90.18,76.18,No,ResNet50,torchvision ckpt",
@@ -42,7 +43,8 @@ def test_converter_copies_the_standard_classifiers_rows_verbatim(tmp_path: Path)
     cifar10 = data["benchmarks"]["openood_v15_cifar10"]["rows"]
     assert [(r["postprocessor"], r["detector"], r["near_auroc"]) for r in cifar10] == [
         ("MSP", "msp", "88.03 ± 0.25"),
-        ("TempScale", None, "1.00 ± 0.10"),
+        ("TempScale", "temperature_scaled_msp", "1.00 ± 0.10"),
+        ("NAC", None, "3.00 ± 0.10"),  # a postprocessor lightning-ood does not have
     ]
     assert [r["far_auroc"] for r in data["benchmarks"]["openood_v15_imagenet1k"]["rows"]] == ["90.18"]
     assert data["commit"] == "abc" and data["date"] == "2025-07-19"
