@@ -28,6 +28,15 @@ def _cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _runs_without_a_logger_in_tmp(tmp_path_factory: pytest.TempPathFactory):
+    """A CLI run without a logger writes into ``logs/run-*`` under the working directory (the repository root in
+    the tests): point it at the test session's folder instead, so the suite leaves nothing in the checkout."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("lightning_ood.cli.NO_LOGGER_ROOT", str(tmp_path_factory.mktemp("logs")))
+        yield
+
+
 @pytest.fixture
 def no_system_fmnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Hide the Fashion-MNIST of the machine; returns the fake system folder (empty)."""

@@ -47,7 +47,9 @@ def test_top_level_optimizer_is_refused_with_the_reason(tmp_path):
 
 
 def test_without_a_logger_each_run_gets_its_own_folder_under_logs():
+    from lightning_ood import cli
+
     dirs = {OODCLI(args=[*TINY, "--trainer.logger=false"]).trainer.default_root_dir for _ in range(2)}
     assert len(dirs) == 2 and all(
-        Path(d).parent == Path("logs") and Path(d).name.startswith("run-") for d in dirs
-    )
+        Path(d).parent == Path(cli.NO_LOGGER_ROOT) and Path(d).name.startswith("run-") for d in dirs
+    )  # ./logs outside the tests
