@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector, DetectorInputs, all_gather_cat, all_reduce_sum
-from lightning_ood.detectors.gather import agree_layout, dataset_index, row_counts
 from lightning_ood.detectors.knn_index import (
     FaissSearch,
     check_index,
@@ -183,15 +182,9 @@ class KNN(ShardedBank):
         A collective: every rank must call it, also one that got no fit batch (it contributes no rows). Raises
         on every rank when no rank saw any feature, or when the bank has fewer than ``k`` rows.
         """
-        local = torch.cat(self._parts) if self._parts else None
+        rows, index, _ = self.agreed_rows(self._parts)
         self._parts = []
-        rows = agree_layout(local, device=self.bank.device, who=self.name)
-        counts = row_counts(len(rows), rows.device)
-        if sum(counts) == 0:
-            raise RuntimeError(
-                f"detector {self.name!r}: no ID training features on any rank (every fit batch was empty)"
-            )
-        rows, index = self.select_rows(rows, dataset_index(counts, rows.device))
+        rows, index = self.select_rows(rows, index)
         _, world = distributed_world()
         total = int(all_reduce_sum(torch.tensor([len(rows)], device=rows.device)).item())
         if total < self.k:

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_ood.detectors.base import DetectorInputs, all_reduce_sum
-from lightning_ood.detectors.gather import agree_layout, dataset_index, row_counts
 from lightning_ood.detectors.knn_index import subset_rows
 from lightning_ood.detectors.knn_shards import pad_topk
 from lightning_ood.detectors.sharded_bank import ShardedBank
@@ -71,19 +70,10 @@ class NNGuide(ShardedBank):
 
     def finalize(self) -> None:
         """Keep this rank's (subsampled) rows; a collective every rank enters, also one without fit batches."""
-        local = torch.cat(self._parts) if self._parts else None
+        rows, index, n = self.agreed_rows(self._parts)
         self._parts = []
-        rows = agree_layout(local, device=self.bank.device, who=self.name)
-        counts = row_counts(len(rows), rows.device)
-        if sum(counts) == 0:
-            raise RuntimeError(
-                f"detector {self.name!r}: no ID training features on any rank (every fit batch was empty)"
-            )
         if self.bank_fraction < 1:
-            index = dataset_index(counts, rows.device)
-            rows = rows[
-                torch.isin(index, subset_rows(sum(counts), self.bank_fraction, self.seed).to(index.device))
-            ]
+            rows = rows[torch.isin(index, subset_rows(n, self.bank_fraction, self.seed).to(index.device))]
         total = int(all_reduce_sum(torch.tensor([len(rows)], device=rows.device)).item())
         _, world = distributed_world()
         self.keep_rows(rows.contiguous(), sharded=world > 1)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_ood.detectors.base import Detector
+from lightning_ood.detectors.gather import agree_layout, dataset_index, row_counts
 from lightning_ood.detectors.knn_shards import ShardedRounds
 from lightning_ood.distributed import distributed_world
 
@@ -56,6 +57,19 @@ class ShardedBank(Detector):
         super().reset()
         self.shard, self._rounds = None, None
         self.bank = self.bank.new_empty(0)  # free the old bank before a refit
+
+    def agreed_rows(self, parts: list[Tensor]) -> tuple[Tensor, Tensor, int]:
+        """This rank's fit rows ``[n, D]`` from ``parts`` (layout and dtype agreed across ranks), their dataset
+        indices ``[n]`` and the number of rows over every rank. A collective every rank enters, also one
+        without fit batches; raises on every rank when no rank has a row."""
+        local = torch.cat(parts) if parts else None
+        rows = agree_layout(local, device=self.bank.device, who=self.name)
+        counts = row_counts(len(rows), rows.device)
+        if sum(counts) == 0:
+            raise RuntimeError(
+                f"detector {self.name!r}: no ID training features on any rank (every fit batch was empty)"
+            )
+        return rows, dataset_index(counts, rows.device), sum(counts)
 
     def keep_rows(self, rows: Tensor, *, sharded: bool) -> None:
         """Install this rank's ``rows`` ``[n, D]`` (cast by the caller): as its share when ``sharded`` (more
