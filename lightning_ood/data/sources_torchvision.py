@@ -157,14 +157,7 @@ def imagefolder(path: str, root: str | None = None, skip_unreadable: bool = Fals
     Raises:
         OSError: listing the files that cannot be decoded (unless ``skip_unreadable``).
     """
-    listing = _list_folder(path, root)
-    problems, _ = checked_problems(
-        listing.raw.images,
-        unreadable_reason,
-        listing.key,
-        collective=True,
-        what=f"image folder {listing.folder}",
-    )
+    listing, problems, _ = _checked_listing(path, root, collective=True)
     return _readable(listing.folder, listing.raw, skip_unreadable, problems)
 
 
@@ -177,15 +170,21 @@ def check_imagefolder(path: str, root: str | None = None, skip_unreadable: bool 
     Returns:
         ``True`` when the files were checked, ``False`` when the result was remembered from before.
     """
+    return _checked_listing(path, root, collective=False)[2]
+
+
+def _checked_listing(path: str, root: str | None, *, collective: bool) -> tuple[_Listing, Problems, bool]:
+    """The folder's listing, its unreadable files (remembered or checked now) and whether they were checked
+    now; ``collective``: split the check over the DDP ranks (every rank must call it)."""
     listing = _list_folder(path, root)
-    _, checked = checked_problems(
+    problems, checked = checked_problems(
         listing.raw.images,
         unreadable_reason,
         listing.key,
-        collective=False,
+        collective=collective,
         what=f"image folder {listing.folder}",
     )
-    return checked
+    return listing, problems, checked
 
 
 def unreadable_reason(path: str | os.PathLike) -> str | None:
