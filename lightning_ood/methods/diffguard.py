@@ -30,6 +30,7 @@ from lightning_ood.frozen import load_method
 from lightning_ood.methods.base import OODMethod
 from lightning_ood.methods.diffguard_cam import cam_network, grad_cam_mask
 from lightning_ood.methods.diffguard_fit import fit_standardiser
+from lightning_ood.methods.diffguard_pixel import classifier_guidance, cutout_boxes, early_stop_rule
 from lightning_ood.methods.diffguard_presets import Settings, resolve
 from lightning_ood.methods.diffguard_scores import (
     MEASURES,
@@ -38,7 +39,7 @@ from lightning_ood.methods.diffguard_scores import (
     similarity_scores,
 )
 from lightning_ood.methods.input_norm import InputNormalisation
-from lightning_ood.nets.ddim import ddim_invert, ddim_regenerate, ddim_timesteps
+from lightning_ood.nets.ddim import ddim_invert, ddim_invert_until, ddim_regenerate, ddim_timesteps
 from lightning_ood.nets.diffusion_loading import load_denoiser
 
 
@@ -49,6 +50,7 @@ class Regeneration(NamedTuple):
     inputs: Tensor  # the input images
     regenerated: Tensor  # regenerated under the predicted class
     reference: Tensor | None  # the unconditional regeneration, or None (reference = input)
+    t_stop: Tensor | None = None  # [B] the timestep each image's inversion stopped at (adaptive early stop)
 
 
 class DiffGuard(InputNormalisation, OODMethod):
@@ -59,14 +61,16 @@ class DiffGuard(InputNormalisation, OODMethod):
     inversion to the depth of the reference's last DDIM step (t = 961 of its latent model's schedule: bar alpha
     2.9e-4), the input as the reference, the Grad-CAM mask (threshold 0.3). ``cg_pixel``: classifier guidance
     s = 3, 90 DDIM steps of a partial inversion (t = 900 of the linear schedule), ``x0`` clamped in both
-    directions, the unconditional regeneration as the reference. The resolved values: :attr:`settings`.
+    directions, the unconditional regeneration as the reference. ``cg_pixel_adaptive``: ``cg_pixel`` with 8
+    random cut-outs of the guidance input per step and each image's inversion stopped early where its PSNR to the
+    input falls below 6.39 dB. The resolved values: :attr:`settings`.
 
     Args:
         classifier: a trained lightning-ood classifier method's checkpoint (``Classifier``, ``SSOD``, ...).
         diffusion: a ``DiffusionModel`` checkpoint or a local diffusers pipeline folder
             (:func:`~lightning_ood.nets.diffusion_loading.load_denoiser`).
         num_classes, in_chans: linked from the data; must match the classifier.
-        preset: ``"cfg_latent"`` or ``"cg_pixel"``.
+        preset: ``"cfg_latent"``, ``"cg_pixel"`` or ``"cg_pixel_adaptive"``.
         guidance: ``"classifier_free"`` (a class-conditional diffusion model) or ``"classifier"`` (the
             protected classifier's gradient; any diffusion model, conditional ones used unconditionally).
         guidance_scale: classifier-free guidance ``w`` in ``eps_null + w (eps_y - eps_null)``.
@@ -82,6 +86,12 @@ class DiffGuard(InputNormalisation, OODMethod):
         grad_cam: classifier-free guidance only inside the classifier's Grad-CAM region of ``y_hat``
             (:mod:`~lightning_ood.methods.diffguard_cam`), the unconditional noise outside.
         cam_threshold: the Grad-CAM region is ``cam > cam_threshold`` (``None``: 0.3).
+        cutouts: random square crops of the classifier-guidance input per DDIM step, their log-probabilities
+            summed (classifier guidance only; :mod:`~lightning_ood.methods.diffguard_pixel`).
+        early_stop_psnr: stop each image's inversion at the first level whose ``x_t`` has a PSNR to the input
+            below this many dB (images in ``[0, 1]``; ``0``: off); pixel diffusion models only.
+        early_stop_dists: also stop it where ``1 - DISTS(x_t, input)`` falls below this (the reference's second
+            criterion, 0.38 in its main experiment; piq's DISTS with its VGG16 weights; ``None``: off).
         perceptual: the paper's perceptual distances to add as scores, among ``"dists"``, ``"lpips"`` (piq; need
             VGG16 weights in torch's hub cache, downloaded once: docs/diffguard.md, "Scores").
         class_map: diffusion-model class of each classifier class (``None``: the same index).
@@ -112,7 +122,7 @@ class DiffGuard(InputNormalisation, OODMethod):
         diffusion: str,
         num_classes: int = 10,
         in_chans: int = 1,
-        preset: Literal["cfg_latent", "cg_pixel"] = "cfg_latent",
+        preset: Literal["cfg_latent", "cg_pixel", "cg_pixel_adaptive"] = "cfg_latent",
         guidance: Literal["classifier_free", "classifier"] | None = None,
         guidance_scale: float | None = None,
         classifier_scale: float | None = None,
@@ -122,6 +132,9 @@ class DiffGuard(InputNormalisation, OODMethod):
         clip_inversion: bool | None = None,
         grad_cam: bool | None = None,
         cam_threshold: float | None = None,
+        cutouts: int | None = None,
+        early_stop_psnr: float | None = None,
+        early_stop_dists: float | None = None,
         perceptual: list[Literal["dists", "lpips"]] | None = None,
         class_map: list[int] | None = None,
         combine_with: str | None = "energy",
@@ -156,7 +169,8 @@ class DiffGuard(InputNormalisation, OODMethod):
         options = {
             "guidance": guidance, "guidance_scale": guidance_scale, "classifier_scale": classifier_scale,
             "t_star": t_star, "steps": steps, "reference": reference, "clip_inversion": clip_inversion,
-            "grad_cam": grad_cam, "cam_threshold": cam_threshold,
+            "grad_cam": grad_cam, "cam_threshold": cam_threshold, "cutouts": cutouts,
+            "early_stop_psnr": early_stop_psnr, "early_stop_dists": early_stop_dists,
         }  # fmt: skip
         self.settings: Settings = resolve(preset, options, denoiser.alphas_cumprod)
         self.t_star = self.settings.t_star
@@ -165,6 +179,8 @@ class DiffGuard(InputNormalisation, OODMethod):
         if self.settings.grad_cam:
             cam_network(net)  # fails early, with what to do, for a classifier without a feature map
         self.perceptual_names = tuple(dict.fromkeys(perceptual or []))
+        if self.settings.early_stop_dists:
+            self.register_frozen("early_stop_dists_metric", perceptual_metric("dists"))
         for name in self.perceptual_names:
             self.register_frozen(f"perceptual_{name}", perceptual_metric(name))
         self.register_buffer(
@@ -184,6 +200,13 @@ class DiffGuard(InputNormalisation, OODMethod):
             f"DiffGuard preset {s.preset}: {s.guidance} guidance, t* = {s.t_star} of {denoiser.num_train_timesteps} "
             f"(bar alpha {s.alpha_star:.2e}; {s.t_star_from}), {s.steps} steps, reference {s.reference}"
             + (f", Grad-CAM mask > {s.cam_threshold}" if s.grad_cam else "")
+            + (f", {s.cutouts} cut-outs" if s.cutouts else "")
+            + (
+                f", early stop at PSNR < {s.early_stop_psnr} dB"
+                + (f" or 1 - DISTS < {s.early_stop_dists}" if s.early_stop_dists else "")
+                if s.early_stop
+                else ""
+            )
         )
 
     def _check_settings(self, den: nn.Module) -> None:
@@ -207,6 +230,11 @@ class DiffGuard(InputNormalisation, OODMethod):
         if h.combine_measure not in measures:
             raise ValueError(
                 f"DiffGuard.combine_measure must be one of {measures}, got {h.combine_measure!r}"
+            )
+        if s.early_stop and not den.clip_sample:
+            raise ValueError(
+                f"DiffGuard's adaptive early stop compares the inversion's x_t with the input in pixels, but "
+                f"{h.diffusion} diffuses in a latent space: set early_stop_psnr: 0 (and early_stop_dists: null)"
             )
         if h.diffusion_batch_size is not None and h.diffusion_batch_size < 1:
             raise ValueError(f"DiffGuard.diffusion_batch_size must be >= 1, got {h.diffusion_batch_size}")
@@ -284,62 +312,66 @@ class DiffGuard(InputNormalisation, OODMethod):
             preds = self.classifier.forward_outputs(images).logits.argmax(dim=1)
         size = self.hparams.diffusion_batch_size or len(images)
         parts = [self._regenerate(x, y) for x, y in zip(images.split(size), preds.split(size), strict=True)]
-        ref = [p[2] for p in parts]
+        ref, stops = [p[2] for p in parts], [p[3] for p in parts]
         return Regeneration(
             preds=preds,
             inputs=torch.cat([p[0] for p in parts]),
             regenerated=torch.cat([p[1] for p in parts]),
             reference=torch.cat(ref) if ref[0] is not None else None,
+            t_stop=torch.cat(stops) if stops[0] is not None else None,
         )
 
-    def _regenerate(self, images: Tensor, preds: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _regenerate(
+        self, images: Tensor, preds: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         den, shape, s = self.diffusion, tuple(images.shape[1:]), self.settings
         unit = self.to_unit(images)
+        start = None
         with torch.no_grad():
             clip = s.clip_inversion and den.clip_sample
-            z_star = ddim_invert(den, den.encode(unit), self.timesteps, labels=None, clip=clip)
+            if s.early_stop:
+                stop = early_stop_rule(
+                    unit, lambda z: den.decode(z, shape), s.early_stop_psnr, s.early_stop_dists,
+                    getattr(self, "early_stop_dists_metric", None),
+                )  # fmt: skip
+                z_star, start = ddim_invert_until(den, den.encode(unit), self.timesteps, stop, clip=clip)
+            else:
+                z_star = ddim_invert(den, den.encode(unit), self.timesteps, labels=None, clip=clip)
         if s.guidance == "classifier_free":
             mask = None
             if self._cam_net is not None:
                 mask = den.encode_mask(grad_cam_mask(self._cam_net, images, preds, s.cam_threshold), z_star)
             z = ddim_regenerate(
                 den, z_star, self.timesteps, self.class_map[preds], s.guidance_scale, clip=den.clip_sample,
-                mask=mask,
+                mask=mask, start=start,
             )  # fmt: skip
         else:
             z = ddim_regenerate(
                 den, z_star, self.timesteps, None, correction=self._classifier_guidance(preds, shape),
-                clip=den.clip_sample,
+                clip=den.clip_sample, start=start,
             )  # fmt: skip
         with torch.no_grad():
             regenerated = den.decode(z, shape).clamp(-1, 1)
             reference = None
             if s.reference == "unconditional":
-                z_ref = ddim_regenerate(den, z_star, self.timesteps, None, clip=den.clip_sample)
+                z_ref = ddim_regenerate(den, z_star, self.timesteps, None, clip=den.clip_sample, start=start)
                 reference = den.decode(z_ref, shape).clamp(-1, 1)
-        return unit, regenerated, reference
+        t_stop = None if start is None else torch.tensor(self.timesteps, device=start.device)[start]
+        return unit, regenerated, reference, t_stop
 
     def _classifier_guidance(self, preds: Tensor, shape: tuple[int, ...]):
-        """``eps -> eps - s sqrt(1 - bar alpha) grad_{x_t} log p(y_hat | b)`` with ``b = f x0_hat + (1 - f) x_t``,
-        ``f = sqrt(1 - bar alpha_t)`` (the reference code's blend). ``eps`` is a constant here: the gradient runs
-        through the blend, the decoder (latent models) and the classifier, never the diffusion network."""
-        scale = self.settings.classifier_scale
-
-        def correction(z: Tensor, t: Tensor, eps: Tensor, alpha: float) -> Tensor:
-            f = (1.0 - alpha) ** 0.5
-            with torch.inference_mode(False), torch.enable_grad():
-                x_t = z.detach().clone().requires_grad_(True)
-                eps_const = eps.detach().clone()
-                x0 = (x_t - f * eps_const) / alpha**0.5
-                blend = f * x0 + (1.0 - f) * x_t
-                logits = self.classifier.forward_outputs(
-                    self.from_unit(self.diffusion.decode(blend, shape))
-                ).logits
-                log_p = logits.float().log_softmax(dim=1).gather(1, preds.view(-1, 1).clone()).sum()
-                (grad,) = torch.autograd.grad(log_p, x_t)
-            return eps - scale * f * grad.detach()
-
-        return correction
+        """The classifier guidance of a batch predicted as ``preds``, with the settings' cut-outs
+        (:func:`~lightning_ood.methods.diffguard_pixel.classifier_guidance`): the gradient runs through the
+        blend, the decoder (latent models) and the classifier, never the diffusion network."""
+        s, steps = self.settings, self.timesteps
+        boxes = None
+        if s.cutouts:
+            drawn = cutout_boxes(len(steps) - 1, s.cutouts, shape[1], shape[2])
+            boxes = dict(zip(steps[::-1][:-1], drawn, strict=True))  # per step, from the top
+        return classifier_guidance(
+            lambda x: self.classifier.forward_outputs(self.from_unit(x)).logits,
+            lambda z: self.diffusion.decode(z, shape), preds, s.classifier_scale, boxes,
+        )  # fmt: skip
 
     # -- pixels ----------------------------------------------------------------------------------------------
     def _normalisation(self, x: Tensor) -> tuple[Tensor, Tensor]:

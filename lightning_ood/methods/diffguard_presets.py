@@ -7,9 +7,13 @@ The reference code runs DiffGuard in two settings that must not be mixed (docs/d
   whole schedule (the last DDIM timestep is 961 of 1000 on the latent model's schedule), the regeneration compared
   with the **input**, classifier-free guidance only inside the classifier's Grad-CAM region (threshold 0.3);
 - ``cg_pixel``: classifier guidance (scale 3) of an unconditional pixel model on the linear DDPM schedule,
-  a *partial* inversion (at most 90 of 100 DDIM steps: t* = 900 of 1000), predicted ``x0`` clamped to the image
-  range in both directions, the regeneration compared with the **unconditional** regeneration from the same
-  ``x_{t*}``.
+  a *partial* inversion (90 of 100 DDIM steps: t* = 900 of 1000, the deepest its main experiment goes), predicted
+  ``x0`` clamped to the image range in both directions, the regeneration compared with the **unconditional**
+  regeneration from the same ``x_{t*}``;
+- ``cg_pixel_adaptive``: ``cg_pixel`` as its main experiment runs it, with the two per-image parts: the adaptive
+  early stop of the inversion (each image stops at the first level whose PSNR to the input falls below 6.39 dB
+  on ``[0, 1]`` images, the reference's 48.5 on its scale; the reference also stops on DISTS, opt-in here) and
+  8 random cut-outs of the classifier's guidance input per step (:mod:`~lightning_ood.methods.diffguard_pixel`).
 
 A trained model's noise schedule cannot be changed, so every DDIM step runs on the model's own ``bar alpha``.
 A preset's ``t_star`` is a timestep of the schedule the reference model was trained with; on a model with
@@ -60,7 +64,9 @@ DDPM_LINEAR = NoiseSchedule("linear", 1e-4, 0.02)
 @dataclass(frozen=True)
 class Preset:
     """One setting of DiffGuard (module doc). ``t_star`` is a timestep of ``schedule``; ``grad_cam``: guide only
-    inside the classifier's Grad-CAM region (classifier-free guidance only)."""
+    inside the classifier's Grad-CAM region (classifier-free guidance only); ``cutouts``: random crops of the
+    classifier-guidance input per step (classifier guidance only); ``early_stop_psnr``: the inversion's adaptive
+    early stop, in dB on ``[0, 1]`` images (``None``: off)."""
 
     name: str
     guidance: Guidance
@@ -72,6 +78,8 @@ class Preset:
     schedule: NoiseSchedule
     clip_inversion: bool
     grad_cam: bool
+    cutouts: int = 0
+    early_stop_psnr: float | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -80,6 +88,20 @@ PRESETS: dict[str, Preset] = {
     ),
     "cg_pixel": Preset(
         "cg_pixel", "classifier", 10.0, 3.0, "unconditional", 900, 90, DDPM_LINEAR, True, False
+    ),
+    "cg_pixel_adaptive": Preset(
+        "cg_pixel_adaptive",
+        "classifier",
+        10.0,
+        3.0,
+        "unconditional",
+        900,
+        90,
+        DDPM_LINEAR,
+        True,
+        False,
+        8,
+        6.39,
     ),
 }
 
@@ -102,6 +124,14 @@ class Settings:
     cam_threshold: float
     alpha_star: float
     t_star_from: str
+    cutouts: int = 0
+    early_stop_psnr: float | None = None
+    early_stop_dists: float | None = None
+
+    @property
+    def early_stop(self) -> bool:
+        """Whether the inversion stops early per image (a PSNR or a DISTS threshold is set and positive)."""
+        return any(v is not None and v > 0 for v in (self.early_stop_psnr, self.early_stop_dists))
 
 
 def same_schedule(a: Tensor, b: Tensor) -> bool:
@@ -135,8 +165,11 @@ def model_timestep(t_star: int | float, num_timesteps: int) -> tuple[int, str]:
 
 def resolve(preset: str, overrides: dict[str, Any], alphas: Tensor) -> Settings:
     """``preset`` with the non-``None`` ``overrides`` (``guidance``, ``guidance_scale``, ``classifier_scale``,
-    ``reference``, ``t_star``, ``steps``, ``clip_inversion``, ``grad_cam``, ``cam_threshold``) on a model whose
-    schedule is ``alphas`` (``[T]``).
+    ``reference``, ``t_star``, ``steps``, ``clip_inversion``, ``grad_cam``, ``cam_threshold``, ``cutouts``,
+    ``early_stop_psnr``, ``early_stop_dists``) on a model whose schedule is ``alphas`` (``[T]``). Options that
+    belong to one kind of guidance (``grad_cam``: classifier-free; ``cutouts``: classifier) follow a changed
+    ``guidance`` unless given; given for the other kind, they are an error. ``early_stop_psnr: 0`` turns the
+    preset's early stop off.
 
     Raises:
         ValueError: an unknown preset or option, or values that do not fit the model.
@@ -145,21 +178,34 @@ def resolve(preset: str, overrides: dict[str, Any], alphas: Tensor) -> Settings:
         raise ValueError(f"DiffGuard.preset must be one of {sorted(PRESETS)}, got {preset!r}")
     base = PRESETS[preset]
     given = {k: v for k, v in overrides.items() if v is not None}
-    unknown = set(given) - {"t_star", "cam_threshold"} - set(Preset.__dataclass_fields__)
+    extra = {"t_star", "cam_threshold", "early_stop_dists"}
+    unknown = set(given) - extra - set(Preset.__dataclass_fields__)
     if unknown:
         raise ValueError(f"DiffGuard: unknown preset options {sorted(unknown)}")
     t_star = given.pop("t_star", None)
     threshold = float(given.pop("cam_threshold", 0.3))
+    dists = given.pop("early_stop_dists", None)
     if "guidance" in given and "grad_cam" not in given and given["guidance"] != "classifier_free":
         given["grad_cam"] = (
             False  # the mask belongs to classifier-free guidance: a preset's mask goes with it
         )
+    if "guidance" in given and "cutouts" not in given and given["guidance"] != "classifier":
+        given["cutouts"] = 0  # the cut-outs belong to classifier guidance
     chosen = replace(base, **given)
     if chosen.grad_cam and chosen.guidance != "classifier_free":
         raise ValueError(
             "DiffGuard.grad_cam masks classifier-free guidance (the reference code's latent setting); with "
             "guidance: classifier set grad_cam: false"
         )
+    if isinstance(chosen.cutouts, bool) or not isinstance(chosen.cutouts, int) or chosen.cutouts < 0:
+        raise ValueError(f"DiffGuard.cutouts must be an int >= 0, got {chosen.cutouts!r}")
+    if chosen.cutouts and chosen.guidance != "classifier":
+        raise ValueError(
+            "DiffGuard.cutouts crops the classifier-guidance input (the reference code's pixel setting); with "
+            "guidance: classifier_free set cutouts: 0"
+        )
+    if dists is not None and not 0.0 <= dists <= 1.0:
+        raise ValueError(f"DiffGuard.early_stop_dists is a 1 - DISTS similarity in [0, 1], got {dists}")
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"DiffGuard.cam_threshold must be in [0, 1), got {threshold}")
     if t_star is not None:
@@ -173,7 +219,8 @@ def resolve(preset: str, overrides: dict[str, Any], alphas: Tensor) -> Settings:
         raise ValueError(f"DiffGuard.steps must be in [1, t_star = {t}], got {chosen.steps}")
     return Settings(
         preset, chosen.guidance, chosen.guidance_scale, chosen.classifier_scale, chosen.reference, t,
-        chosen.steps, chosen.clip_inversion, chosen.grad_cam, threshold, float(alphas[t]), how,
+        chosen.steps, chosen.clip_inversion, chosen.grad_cam, threshold, float(alphas[t]), how, chosen.cutouts,
+        chosen.early_stop_psnr, dists,
     )  # fmt: skip
 
 

@@ -21,9 +21,14 @@ from tqdm.auto import tqdm
 
 from lightning_ood.nets.diffusion import Denoiser
 
-#: ``(x_t [B, ...], t [B], eps [B, ...] from the network, bar alpha_t) -> eps`` used for the step: classifier
-#: guidance adds the classifier's gradient; identity without it.
-EpsCorrection = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+#: ``(x_t [n, ...], t [n], eps [n, ...] from the network, bar alpha_t, rows) -> eps`` used for the step:
+#: classifier guidance adds the classifier's gradient; identity without it. ``rows`` (keyword, ``[n]`` indices
+#: into the batch, or ``None`` for all rows) says which images of the batch ``x_t`` holds when only some of them
+#: are regenerating at this step (per-image start levels, :func:`ddim_regenerate`).
+EpsCorrection = Callable[..., Tensor]
+#: ``(x_t [n, ...] of the images still inverting, their rows [n] in the batch) -> [n] bool``: whether each image
+#: stops its inversion at this level (:func:`ddim_invert_until`).
+StopRule = Callable[[Tensor, Tensor], Tensor]
 
 
 def ddim_timesteps(t_star: int, steps: int) -> list[int]:
@@ -88,6 +93,33 @@ def ddim_invert(
     return z
 
 
+@torch.no_grad()
+def ddim_invert_until(
+    denoiser: Denoiser, z: Tensor, timesteps: list[int], stop: StopRule, clip: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Unconditional :func:`ddim_invert` with a per-image **adaptive early stop**: after each step, ``stop``
+    sees the images still inverting; an image it stops keeps that level's ``x_t`` and walks no further (the
+    reference code's pixel setting, which runs it one image at a time; here the batch runs together and each
+    image gets exactly what it would alone). Returns ``(x_stop [B, ...], level [B])``, ``level[i]`` the index
+    into ``timesteps`` where image ``i`` stopped (``len(timesteps) - 1``: it ran to the end)."""
+    a = denoiser.alphas_cumprod
+    z = z.clone()
+    last = len(timesteps) - 1
+    level = torch.full((len(z),), last, dtype=torch.long, device=z.device)
+    running = torch.arange(len(z), device=z.device)
+    for k, (t_from, t_to) in enumerate(itertools.pairwise(timesteps), start=1):
+        if len(running) == 0:
+            break
+        eps = guided_noise(denoiser, z[running], t_from, None, 1.0)
+        moved = ddim_step(z[running], eps, float(a[t_from]), float(a[t_to]), clip and t_from > 0)
+        z[running] = moved
+        if k < last:  # at the last level every image ends anyway
+            stopped = stop(moved, running).to(torch.bool)
+            level[running[stopped]] = k
+            running = running[~stopped]
+    return z, level
+
+
 def ddim_regenerate(
     denoiser: Denoiser,
     z: Tensor,
@@ -98,6 +130,7 @@ def ddim_regenerate(
     progress: bool = False,
     clip: bool = False,
     mask: Tensor | None = None,
+    start: Tensor | None = None,
 ) -> Tensor:
     """``x_{t_S}`` -> ``x_{t_0}`` along ``timesteps`` (given increasing; walked downwards).
 
@@ -106,19 +139,39 @@ def ddim_regenerate(
     ``labels`` / ``scale`` / ``mask``: classifier-free guidance (:func:`guided_noise`). ``correction``: an extra
     change of ``eps`` per step (classifier guidance); it may use autograd on its own inputs, the network's ``eps``
     is computed without gradients.
+
+    ``start``: ``[B]`` per-image start levels (indices into ``timesteps``, as :func:`ddim_invert_until` returns):
+    image ``i`` is at level ``timesteps[start[i]]`` and takes only the steps below it; at each step the network
+    runs on the images that are regenerating (``None``: every image starts at ``t_S``).
     """
     a = denoiser.alphas_cumprod
     pairs = list(zip(timesteps[::-1][:-1], timesteps[::-1][1:], strict=True))
     bar = tqdm(pairs, desc="DDIM", disable=not progress, leave=False, file=sys.stderr)
-    for t_from, t_to in bar:
+    if start is not None:
+        z = z.clone()
+    for j, (t_from, t_to) in zip(range(len(pairs), 0, -1), bar, strict=True):
+        rows = None if start is None else torch.nonzero(start >= j).flatten()
+        if rows is not None and len(rows) == 0:
+            continue
+        x = z if rows is None else z[rows]
         with torch.no_grad():
-            eps = guided_noise(denoiser, z, t_from, labels, scale, mask)
+            eps = guided_noise(
+                denoiser, x, t_from, _rows(labels, rows), scale, _rows(mask, rows)
+            )  # fmt: skip
         if correction is not None:
-            tt = torch.full((len(z),), t_from, dtype=torch.long, device=z.device)
-            eps = correction(z, tt, eps, float(a[t_from]))
+            tt = torch.full((len(x),), t_from, dtype=torch.long, device=z.device)
+            eps = correction(x, tt, eps, float(a[t_from]), rows=rows)
         with torch.no_grad():
-            z = ddim_step(z, eps, float(a[t_from]), float(a[t_to]), clip)
+            moved = ddim_step(x, eps, float(a[t_from]), float(a[t_to]), clip)
+        if rows is None:
+            z = moved
+        else:
+            z[rows] = moved
     return z
+
+
+def _rows(x: Tensor | None, rows: Tensor | None) -> Tensor | None:
+    return x if x is None or rows is None else x[rows]
 
 
 @torch.no_grad()
