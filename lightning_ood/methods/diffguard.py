@@ -29,6 +29,7 @@ from lightning_ood.detectors.base import Detector
 from lightning_ood.frozen import load_method
 from lightning_ood.methods.base import OODMethod
 from lightning_ood.methods.diffguard_cam import cam_network, grad_cam_mask
+from lightning_ood.methods.diffguard_checks import check_settings
 from lightning_ood.methods.diffguard_fit import fit_standardiser
 from lightning_ood.methods.diffguard_pixel import classifier_guidance, cutout_boxes, early_stop_rule
 from lightning_ood.methods.diffguard_presets import Settings, resolve
@@ -175,7 +176,7 @@ class DiffGuard(InputNormalisation, OODMethod):
         self.settings: Settings = resolve(preset, options, denoiser.alphas_cumprod)
         self.t_star = self.settings.t_star
         self.timesteps = ddim_timesteps(self.t_star, self.settings.steps)
-        self._check_settings(denoiser)
+        check_settings(self.hparams, self.settings, denoiser)
         if self.settings.grad_cam:
             cam_network(net)  # fails early, with what to do, for a classifier without a feature map
         self.perceptual_names = tuple(dict.fromkeys(perceptual or []))
@@ -208,36 +209,6 @@ class DiffGuard(InputNormalisation, OODMethod):
                 else ""
             )
         )
-
-    def _check_settings(self, den: nn.Module) -> None:
-        h, s = self.hparams, self.settings
-        if s.guidance == "classifier_free" and not den.conditional:
-            raise ValueError(
-                f"DiffGuard.guidance 'classifier_free' needs a class-conditional diffusion model, but {h.diffusion} "
-                f"is unconditional: use guidance: classifier (the protected classifier guides it; preset cg_pixel)"
-            )
-        if h.class_map is not None and len(h.class_map) != h.num_classes:
-            raise ValueError(
-                f"DiffGuard.class_map has {len(h.class_map)} entries for {h.num_classes} classes"
-            )
-        targets = h.class_map or list(range(h.num_classes))
-        if s.guidance == "classifier_free" and max(targets) >= den.num_classes:
-            raise ValueError(
-                f"DiffGuard: classifier classes map to diffusion classes up to {max(targets)}, but the diffusion "
-                f"model has {den.num_classes}; set model.init_args.class_map"
-            )
-        measures = MEASURES + tuple(h.perceptual or ())
-        if h.combine_measure not in measures:
-            raise ValueError(
-                f"DiffGuard.combine_measure must be one of {measures}, got {h.combine_measure!r}"
-            )
-        if s.early_stop and not den.clip_sample:
-            raise ValueError(
-                f"DiffGuard's adaptive early stop compares the inversion's x_t with the input in pixels, but "
-                f"{h.diffusion} diffuses in a latent space: set early_stop_psnr: 0 (and early_stop_dists: null)"
-            )
-        if h.diffusion_batch_size is not None and h.diffusion_batch_size < 1:
-            raise ValueError(f"DiffGuard.diffusion_batch_size must be >= 1, got {h.diffusion_batch_size}")
 
     @property
     def _cam_net(self) -> nn.Module | None:
