@@ -1,7 +1,8 @@
 """Every evaluation path on N processes equals one process: the detector search (chosen candidate and rows, also
 on HeatmapOOD, SSOD and a frozen encoder), attacked sets, folder scoring, SSOD / HeatmapOOD / DiffGuard native
-scores. Three processes over sets of 2 images (the predict folder, an OOD set): one rank gets no batch of them
-and still takes part in every collective. One launch checks all of it."""
+scores (also DiffGuard's per-image early stop and cut-outs, preset ``cg_pixel_adaptive``). Three processes over
+sets of 2 images (the predict folder, an OOD set): one rank gets no batch of them and still takes part in every
+collective. One launch checks all of it."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from lightning_ood.methods import Classifier
 from lightning_ood.metrics import METRIC_KEYS
 
 SEARCHED = ("classifier", "ssod", "heatmap", "frozen_encoder")
+DIFFGUARD = ("diffguard", "diffguard_adaptive")
 WORLD = 3
 #: SSOD's tiny ResNet gives features that differ in the last float32 bits with the batch composition (other
 #: batches on 3 ranks): enough to flip a near-tied pair of scores (1 / 750 of an AUROC), or the search's choice
@@ -37,7 +39,7 @@ NEAR_TIES = {"ssod": 1e-2}
 def _evaluate(root: Path, world: int) -> dict[str, Any]:
     """Rows (and search records) of every path, on ``world`` processes; the scores CSV and attacked images."""
     out: dict[str, Any] = {}
-    for name in (*SEARCHED, "diffguard"):
+    for name in (*SEARCHED, *DIFFGUARD):
         callbacks = [DetectorSearch(grid={"knn": {"k": [1, 3]}})] if name in SEARCHED else []
         attack = AttackedSets(
             sets=["faces"], variants={"smooth": 5e3}, limit=4, steps=2, clean=False, grid_images=0
@@ -100,7 +102,7 @@ def test_three_processes_equal_one_on_every_evaluation_path(tmp_path):
     one = _evaluate(tmp_path, 1)
     ranks = run_ddp(_on_rank, str(tmp_path), world_size=WORLD, timeout=420)
     many = ranks[0]
-    for name in (*SEARCHED, "diffguard"):
+    for name in (*SEARCHED, *DIFFGUARD):
         (rows_one, search_one), (rows_many, search_many) = one[name], many[name]
         assert rows_one.keys() == rows_many.keys() and any(s == "few" for _, s in rows_one), name
         same_choice = name not in SEARCHED or search_many["detectors"] == search_one["detectors"]
@@ -133,6 +135,11 @@ def test_three_processes_equal_one_on_every_evaluation_path(tmp_path):
             assert other[name][0] == rows_many, name
     assert one["heatmap"][0][("heatmap", "faces")] and one["ssod"][0][("ood_head", "few")]
     assert any(score.endswith("_plus_energy") for score, _ in one["diffguard"][0])  # the standardised sum
+    adaptive, faces = build("diffguard_adaptive", tmp_path).eval(), data_for("diffguard_adaptive")
+    faces.setup("test")
+    with torch.no_grad():  # its early stop does stop the images at several levels
+        levels = adaptive.regenerate(faces.test_dataset("faces").images.float() / 127.5 - 1).t_stop
+    assert len(set(levels.tolist())) > 1, levels
     torch.testing.assert_close(many["attacked"], one["attacked"], atol=1e-5, rtol=0)
     # The fit cache of sharded banks: every rank wrote its share, the second run read it back (no refit), and
     # both runs give the one-process rows (whose second run read the ordinary one-process cache).
