@@ -32,7 +32,9 @@ def test_every_detector_tables_on_the_results_page_are_the_kept_runs_compared(be
     runs = find_runs([str(KEPT / benchmark / "seed*")])
     seeds = sorted(int(run.info["seed"]) for run in runs)
     assert seeds == sorted(set(seeds)) and [run.path.name for run in runs] == [f"seed{s}" for s in seeds]
-    assert all(run.info["method"] == "classifier" and run.config for run in runs)  # config.yaml kept beside it
+    assert all(
+        run.info["method"] == "classifier" and run.config for run in runs
+    )  # config.yaml kept beside it
     tables = _tables(render(["seeds", str(KEPT / benchmark / "seed*"), "--title", benchmark]))
     assert len(tables) == 2  # group means, AUROC per OOD set
     page = (ROOT / "docs" / "results.md").read_text()
