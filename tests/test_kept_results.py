@@ -1,6 +1,6 @@
 """The results page's every-detector tables are what the compare command makes of the run results kept in the
 repository (``docs/results/every/<benchmark>/seed<k>/``: each run's ``ood_results.json`` and ``config.yaml``), so
-the page cannot drift from the runs, and a later session adds seeds to them without the checkpoints."""
+the page cannot drift from the runs, and a later run adds its seed to them without the earlier checkpoints."""
 
 from pathlib import Path
 
