@@ -43,3 +43,70 @@ def test_every_detector_tables_on_the_results_page_are_the_kept_runs_compared(be
         assert table in page, (
             f"docs/results.md lacks a table of {KEPT / benchmark}: regenerate it with the command given there"
         )
+
+
+DIFFGUARD = ROOT / "docs" / "results" / "diffguard"
+FULL_OOD_SETS = {
+    "digits": 1797,
+    "faces": 200,
+    "textures": 2000,
+    "photos": 2000,
+    "gaussian": 2000,
+    "uniform": 2000,
+}
+
+
+def _kept_diffguard_runs(benchmark: str) -> list:
+    """The kept DiffGuard runs of ``benchmark``, each checked to be the re-run the page describes."""
+    runs = find_runs([str(DIFFGUARD / benchmark / "seed*")])
+    assert [run.path.name for run in runs] == [f"seed{int(run.info['seed'])}" for run in runs]
+    for run in runs:
+        assert run.info["method"] == "diffguard"
+        assert run.config["model.init_args.preset"] == "cfg_latent"
+        assert run.config["model.init_args.steps"] == 25
+        assert {row["n_id"] for row in run.rows} == {
+            10000 if benchmark == "fashionmnist" else 6000
+        }  # full sets
+        sizes = {row["set"]: row["n_ood"] for row in run.rows if row["kind"] == "set"}
+        assert sizes == FULL_OOD_SETS | ({"fmnist_6to9": 4000} if benchmark == "fashionmnist_openset" else {})
+    return runs
+
+
+@pytest.mark.parametrize("benchmark", BENCHMARKS)
+def test_diffguard_tables_on_the_results_page_are_the_kept_runs_compared(benchmark):
+    """The results page's DiffGuard re-run (issue 23): its own tables, its rows of the headline tables, and its
+    rows of the full per-benchmark table are the compare command's output over the kept runs."""
+    _kept_diffguard_runs(benchmark)
+    pattern = str(DIFFGUARD / benchmark / "seed*")
+    page = (ROOT / "docs" / "results.md").read_text()
+    seeds = render(["seeds", pattern, "--title", benchmark, *DIFFGUARD_SEEDS_ARGS])
+    for table in _tables(seeds):
+        assert table in page, (
+            f"docs/results.md lacks a DiffGuard table of {pattern}: regenerate it (see there)"
+        )
+    headline_rows = _tables(render(["headline", pattern, "--title", benchmark]))[0].splitlines()[2:]
+    assert len(headline_rows) == 5  # diffguard_logits, _features, _l2, _ssim, _logits_plus_energy
+    for row in headline_rows:
+        assert row in page, f"docs/results.md's headline table lacks the kept DiffGuard row {row[:90]!r}"
+    full = (ROOT / "docs" / "results" / f"reference_{benchmark}.md").read_text()
+    old = [line for line in full.splitlines() if line.startswith("| diffguard /")]
+    new = [line for line in _full_table(pattern).splitlines() if line.startswith("| diffguard /")]
+    assert old == new, f"docs/results/reference_{benchmark}.md: its DiffGuard rows are not those of {pattern}"
+
+
+DIFFGUARD_SEEDS_ARGS = [
+    "--scores", "msp", "energy", "@best", "diffguard_*", "--mark-best",
+    "--group-metrics", "auroc", "fpr95_idpos", "--per-set", "auroc",
+    "--best-of", "mahalanobis", "rmd", "class_mean_euclidean", "class_mean_cosine", "knn", "vim", "react",
+]  # fmt: skip
+
+
+def _full_table(pattern: str) -> str:
+    """What ``python -m lightning_ood.compare <pattern>`` writes to its comparison.md."""
+    import tempfile
+
+    from lightning_ood.compare import main
+
+    with tempfile.TemporaryDirectory() as out:
+        main([pattern, "--out", out])
+        return (Path(out) / "comparison.md").read_text()
