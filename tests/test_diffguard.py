@@ -3,6 +3,8 @@ guidance without the UNet in the graph, the standardised combination, and diffus
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -238,3 +240,23 @@ def test_clipped_ddim_step_keeps_the_predicted_x0_on_the_image_range():
     torch.testing.assert_close(
         ddim_step(inside, eps, a_from, a_to, clip=True), ddim_step(inside, eps, a_from, a_to)
     )
+
+
+def test_a_diffusion_model_with_classes_the_classifier_lacks_is_warned_about(root, tmp_path):
+    """An open-set split's classifier protected by a model of every class: the unused classes may be the near
+    OOD, which the diffusion model has then seen; the warning says so and what to do."""
+    from lightning_ood.methods import Classifier, DiffGuard
+
+    torch.manual_seed(0)
+    two = save_method(Classifier(backbone="test_resnet", num_classes=2, in_chans=1), tmp_path / "two.ckpt")
+    settings = {"in_chans": 1, "t_star": 60, "steps": 3, "input_mean": [0.5], "input_std": [0.5]}
+    settings |= {"detectors": [Energy()], "combine_with": None}
+    with pytest.warns(
+        UserWarning, match=r"has 3 classes, .* use only 2 of them \(unused: \[2\]\).*ID classes only"
+    ):
+        DiffGuard(two, str(root / "diffusion.ckpt"), num_classes=2, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every class used: no warning
+        DiffGuard(
+            str(root / "classifier.ckpt"), str(root / "diffusion.ckpt"), num_classes=CLASSES, **settings
+        )

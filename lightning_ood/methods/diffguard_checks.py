@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_ood.methods.diffguard_presets import Settings
@@ -26,6 +27,15 @@ def check_settings(h: Any, s: Settings, den: nn.Module) -> None:
         raise ValueError(
             f"DiffGuard: classifier classes map to diffusion classes up to {max(targets)}, but the diffusion "
             f"model has {den.num_classes}; set model.init_args.class_map"
+        )
+    unused = sorted(set(range(den.num_classes)) - set(targets)) if den.conditional else []
+    if unused:  # e.g. a ten-class model protecting an open-set split's six-class classifier
+        rank_zero_warn(
+            f"DiffGuard: the diffusion model {h.diffusion} has {den.num_classes} classes, but the classifier's "
+            f"{h.num_classes} classes use only {den.num_classes - len(unused)} of them (unused: {unused}). If it "
+            f"was trained on images of the unused classes and they are among the OOD test sets (an open-set "
+            f"split), DiffGuard's scores on them are optimistic: train the diffusion model on the ID classes "
+            f"only (--data of the same benchmark, as configs/grids/reference.yaml does)"
         )
     measures = MEASURES + tuple(h.perceptual or ())
     if h.combine_measure not in measures:
