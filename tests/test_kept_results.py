@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lightning_ood import compare
 from lightning_ood.compare import find_runs
 from lightning_ood.compare_tables import render
 
@@ -56,8 +57,8 @@ FULL_OOD_SETS = {
 }
 
 
-def _kept_diffguard_runs(benchmark: str) -> list:
-    """The kept DiffGuard runs of ``benchmark``, each checked to be the re-run the page describes."""
+def _check_kept_diffguard_runs(benchmark: str) -> None:
+    """Each kept DiffGuard run of ``benchmark`` is the re-run the page describes."""
     runs = find_runs([str(DIFFGUARD / benchmark / "seed*")])
     assert [run.path.name for run in runs] == [f"seed{int(run.info['seed'])}" for run in runs]
     for run in runs:
@@ -69,14 +70,13 @@ def _kept_diffguard_runs(benchmark: str) -> list:
         }  # full sets
         sizes = {row["set"]: row["n_ood"] for row in run.rows if row["kind"] == "set"}
         assert sizes == FULL_OOD_SETS | ({"fmnist_6to9": 4000} if benchmark == "fashionmnist_openset" else {})
-    return runs
 
 
 @pytest.mark.parametrize("benchmark", BENCHMARKS)
-def test_diffguard_tables_on_the_results_page_are_the_kept_runs_compared(benchmark):
+def test_diffguard_tables_on_the_results_page_are_the_kept_runs_compared(benchmark, tmp_path):
     """The results page's DiffGuard re-run (issue 23): its own tables, its rows of the headline tables, and its
     rows of the full per-benchmark table are the compare command's output over the kept runs."""
-    _kept_diffguard_runs(benchmark)
+    _check_kept_diffguard_runs(benchmark)
     pattern = str(DIFFGUARD / benchmark / "seed*")
     page = (ROOT / "docs" / "results.md").read_text()
     seeds = render(["seeds", pattern, "--title", benchmark, *DIFFGUARD_SEEDS_ARGS])
@@ -90,7 +90,12 @@ def test_diffguard_tables_on_the_results_page_are_the_kept_runs_compared(benchma
         assert row in page, f"docs/results.md's headline table lacks the kept DiffGuard row {row[:90]!r}"
     full = (ROOT / "docs" / "results" / f"reference_{benchmark}.md").read_text()
     old = [line for line in full.splitlines() if line.startswith("| diffguard /")]
-    new = [line for line in _full_table(pattern).splitlines() if line.startswith("| diffguard /")]
+    compare.main([pattern, "--out", str(tmp_path)])  # what the page's command writes to comparison.md
+    new = [
+        line
+        for line in (tmp_path / "comparison.md").read_text().splitlines()
+        if line.startswith("| diffguard /")
+    ]
     assert old == new, f"docs/results/reference_{benchmark}.md: its DiffGuard rows are not those of {pattern}"
 
 
@@ -99,14 +104,3 @@ DIFFGUARD_SEEDS_ARGS = [
     "--group-metrics", "auroc", "fpr95_idpos", "--per-set", "auroc",
     "--best-of", "mahalanobis", "rmd", "class_mean_euclidean", "class_mean_cosine", "knn", "vim", "react",
 ]  # fmt: skip
-
-
-def _full_table(pattern: str) -> str:
-    """What ``python -m lightning_ood.compare <pattern>`` writes to its comparison.md."""
-    import tempfile
-
-    from lightning_ood.compare import main
-
-    with tempfile.TemporaryDirectory() as out:
-        main([pattern, "--out", out])
-        return (Path(out) / "comparison.md").read_text()
