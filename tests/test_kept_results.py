@@ -61,6 +61,7 @@ def _check_kept_diffguard_runs(benchmark: str) -> None:
     """Each kept DiffGuard run of ``benchmark`` is the re-run the page describes."""
     runs = find_runs([str(DIFFGUARD / benchmark / "seed*")])
     assert [run.path.name for run in runs] == [f"seed{int(run.info['seed'])}" for run in runs]
+    assert sorted(int(run.info["seed"]) for run in runs) == [0, 1, 2]
     for run in runs:
         assert run.info["method"] == "diffguard"
         assert run.config["model.init_args.preset"] == "cfg_latent"
