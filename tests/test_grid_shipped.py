@@ -189,7 +189,7 @@ def test_quickstart_grid_is_run_results_heatmap_diffguard_frozen_encoder(tmp_pat
     jobs = _grid("quickstart_seeds.yaml", tmp_path)
     out = tmp_path / "out"
     assert Counter(j.method for j in jobs) == {
-        "classifier": 6, "heatmap": 6, "frozen_encoder": 1, "attack": 1, "diffusion": 1, "diffguard": 2
+        "classifier": 6, "heatmap": 6, "frozen_encoder": 1, "attack": 1, "diffusion": 2, "diffguard": 2
     }  # fmt: skip
     logging = {
         "--trainer.logger",
@@ -217,10 +217,13 @@ def test_quickstart_grid_is_run_results_heatmap_diffguard_frozen_encoder(tmp_pat
                                ("--model.init_args.encoder.init_args.checkpoint", clf), *bar, *evaluation],
             "attack": [("--config", "configs/attack_fashionmnist.yaml"),
                        ("--model.init_args.encoder.init_args.checkpoint", clf), *bar, *evaluation],
-            "diffusion": [("--config", "configs/diffusion_fashionmnist.yaml"), *bar],
+            "diffusion": [("--config", "configs/diffusion_fashionmnist.yaml"),  # on the benchmark's ID classes
+                          ("--data", f"configs/data/{job.benchmark}.yaml"), ("--data.init_args.train_transforms", "[]"),
+                          ("--data.init_args.batch_size", "64"),
+                          ("--trainer.callbacks.init_args.output_dir", f"{d}/samples"), *bar],
             "diffguard": [("--config", "configs/diffguard_fashionmnist.yaml"), ("--data", f"{d}/data.yaml"),
                           ("--model.init_args.classifier", clf),
-                          ("--model.init_args.diffusion", _ckpt(out / "diffusion")),
+                          ("--model.init_args.diffusion", _ckpt(out / job.benchmark / "diffusion")),
                           ("--model.init_args.preset", "cfg_latent"), ("--model.init_args.steps", "25"),
                           ("--model.init_args.combine_val_images", "200"),
                           ("--model.init_args.guidance", "classifier_free"),
@@ -228,16 +231,33 @@ def test_quickstart_grid_is_run_results_heatmap_diffguard_frozen_encoder(tmp_pat
         }[job.method]  # fmt: skip
         assert method == expected, job.name
     dg = next(j for j in jobs if j.method == "diffguard" and j.benchmark == "fashionmnist_openset")
-    assert dg.upstream == ("fashionmnist_openset/classifier/seed0", "diffusion")
+    assert dg.upstream == ("fashionmnist_openset/classifier/seed0", "fashionmnist_openset/diffusion")
     dg.directory.mkdir(parents=True)
     write_limited_data(dg)
     limited = yaml.safe_load((dg.directory / "data.yaml").read_text())["init_args"]
     assert limited["test_limit"] == 300 and [s["limit"] for s in limited["ood_sets"]] == [100] * 7
 
 
+def test_quickstart_and_reference_grids_train_the_same_diffusion_models(tmp_path):
+    """Either grid's diffusion run can be linked into the other's output folder: same arguments, on the
+    benchmark's ID classes only, less logging."""
+
+    def diffusion(name: str) -> dict[str, list[tuple[str, str]]]:
+        jobs = [j for j in _grid(name, tmp_path / name) if j.method == "diffusion"]
+        out = {}
+        for j in jobs:
+            got = [(k, v.replace(str(j.directory), "{dir}")) for k, v in pairs(_fill(j))]
+            out[j.benchmark] = sorted(p for p in got if not p[0].startswith("--trainer.logger"))
+        return out
+
+    quickstart, reference = diffusion("quickstart_seeds.yaml"), diffusion("reference.yaml")
+    assert set(quickstart) == set(BENCHES) and quickstart == reference
+    assert ("--data", "configs/data/fashionmnist_openset.yaml") in quickstart["fashionmnist_openset"]
+
+
 @pytest.mark.parametrize(
     "methods, benchmarks, seeds, count",
-    [(["heatmap"], None, None, 12), (["diffguard"], None, None, 5), (["classifier"], None, None, 6),
+    [(["heatmap"], None, None, 12), (["diffguard"], None, None, 6), (["classifier"], None, None, 6),
      (["heatmap", "diffguard"], ["fashionmnist_openset"], [0], 4), (None, None, [2], 4)],
 )  # fmt: skip
 def test_selecting_runs_keeps_what_they_need(tmp_path, methods, benchmarks, seeds, count):

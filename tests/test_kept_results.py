@@ -105,3 +105,26 @@ DIFFGUARD_SEEDS_ARGS = [
     "--group-metrics", "auroc", "fpr95_idpos", "--per-set", "auroc",
     "--best-of", "mahalanobis", "rmd", "class_mean_euclidean", "class_mean_cosine", "knn", "vim", "react",
 ]  # fmt: skip
+
+
+QUICKSTART_DG_ARGS = [
+    "--scores", "msp", "energy", "@best", "diffguard_*", "--mark-best", "--group-metrics", "auroc",
+    "fpr95_idpos", "--per-set", "--best-of", "mahalanobis", "rmd", "class_mean_euclidean", "class_mean_cosine",
+    "knn", "vim", "react", "ash",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("benchmark", BENCHMARKS)
+def test_quickstart_diffguard_tables_are_the_kept_runs_with_their_own_diffusion_model(benchmark):
+    """The quickstart subsets' DiffGuard table (docs/results.md, "DiffGuard", with the presets) is the compare
+    output over the kept run, and that run's diffusion model is its own benchmark's (for the open set: trained on
+    the six ID classes only, so it has never seen the near-OOD classes)."""
+    pattern = str(DIFFGUARD / "quickstart" / benchmark / "seed0")
+    (run,) = find_runs([pattern])
+    assert run.config["model.init_args.preset"] == "cfg_latent" and run.config["model.init_args.steps"] == 25
+    assert run.config["model.init_args.diffusion"].startswith(f"results/quickstart/{benchmark}/diffusion/")
+    assert {row["n_id"] for row in run.rows} == {300}
+    assert {row["n_ood"] for row in run.rows if row["kind"] == "set"} == {100}
+    page = (ROOT / "docs" / "results.md").read_text()
+    (table,) = _tables(render(["seeds", pattern, "--title", benchmark, *QUICKSTART_DG_ARGS]))
+    assert table in page, f"docs/results.md lacks the quickstart DiffGuard table of {pattern}: regenerate it"
